@@ -1,0 +1,48 @@
+"""The titn console script: train -> eval (paper table + JSON) -> export (Hub folder) on tiny data."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+from titn_lib.cli import main
+from titn_lib.evaluate import classification_metrics, format_table
+import torch
+
+
+def test_train_eval_export(tiny_npz, tmp_path, capsys):
+    out = tmp_path / 'run'
+    main(['train', '--dataset', 'npz', '--num-classes', '3', '--data-dir', str(tiny_npz), '--output', str(out),
+          '--workers', '0', '-b', '16', '--epochs', '1', '--model-kwargs', 'depth=1', '--opt', 'adamw',
+          '--lr', '1e-3', '--no-progress'])
+    capsys.readouterr()
+    main(['eval', str(out / 'best.pth'), '--dataset', 'npz', '--data-dir', str(tiny_npz), '--workers', '0',
+          '--json', str(tmp_path / 'eval.json')])
+    table = capsys.readouterr().out
+    assert '| Model | Top-1 (%) | Top-5 (%) | Precision | Recall | F1-Score | GMACs/img | Params (M) | img/s |' in table
+    rows = json.loads((tmp_path / 'eval.json').read_text())
+    assert rows[0]['n'] == 60 and rows[0]['params_m'] > 0 and rows[0]['gmacs'] > 0 and rows[0]['img_s'] > 0
+    main(['export', str(out / 'best.pth'), '--tag', 'cifar10', '--output', str(tmp_path / 'weights'),
+          '--metrics', str(tmp_path / 'eval.json'), '--train-command', 'titn train --dataset npz'])
+    folder = tmp_path / 'weights' / 'titn_tiny_patch8_32.cifar10'
+    assert {p.name for p in folder.iterdir()} == {'model.safetensors', 'config.json', 'README.md'}
+    card = (folder / 'README.md').read_text()
+    assert 'titn train --dataset npz' in card and f"{rows[0]['top1']:.2f}" in card
+
+
+def test_console_script_usage():
+    result = subprocess.run([sys.executable, '-m', 'titn_lib.cli'], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and 'usage: titn {train,eval,export}' in result.stderr
+
+
+def test_metrics_by_hand():
+    # 2 classes; true 0 predicted 0 twice, true 1 predicted 0 once and 1 once
+    confusion = torch.tensor([[2, 0], [1, 1]])
+    m = classification_metrics(confusion, top1_correct=3, top5_correct=4, total=4, loss_sum=2.0)
+    assert m['top1'] == 75.0 and m['top5'] == 100.0 and m['loss'] == 0.5
+    assert m['precision'] == pytest.approx((2 / 3 + 1) / 2)
+    assert m['recall'] == pytest.approx((1 + 0.5) / 2)
+    assert m['f1'] == pytest.approx((0.8 + 2 / 3) / 2)
+    table = format_table([dict(model='x', top1=1.0)]).splitlines()
+    assert len(table) == 3 and table[2] == '| x | 1.00 | - | - | - | - | - | - | - |'

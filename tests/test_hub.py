@@ -1,0 +1,190 @@
+"""The real download path (timm -> huggingface_hub -> HTTP) against a loopback Hub, and Hub-layout export.
+
+``HF_ENDPOINT`` must be set before ``huggingface_hub`` is imported, so every download runs in a fresh Python
+process started with ``HF_ENDPOINT`` pointing at the loopback server and an isolated ``HF_HOME``.
+"""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT
+from hub_server import start_hub_server
+from titn_lib.hub import export_checkpoint
+
+ARCH = 'titn_tiny_patch8_32'
+
+
+def write_train_checkpoint(path, arch=ARCH, num_classes=10, in_chans=1, dataset='mnist', **model_kwargs):
+    """A checkpoint as ``titn train`` writes it (random weights)."""
+    model = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
+    torch.save(dict(model=model.state_dict(), arch=arch, model_kwargs=model_kwargs, num_classes=num_classes,
+                    in_chans=in_chans, img_size=32, mean=[0.1307], std=[0.3081], dataset=dataset, epoch=1), path)
+    return model
+
+
+@pytest.fixture(scope='module')
+def hub(tmp_path_factory):
+    """Repos: the registered MNIST tag (exported here, 2 blocks), a patch-16 export, broken variants."""
+    root = tmp_path_factory.mktemp('hub')
+    work = tmp_path_factory.mktemp('hub_src')
+    write_train_checkpoint(work / 'mnist.pth', depth=2)
+    export_checkpoint(str(work / 'mnist.pth'), str(root), 'mnist', metrics={'top1': 50.0},
+                      train_command='titn train ...')
+    # another class count (100) under the registered 10-class CIFAR-10 name
+    write_train_checkpoint(work / 'c100.pth', num_classes=100, in_chans=3, dataset='cifar10', depth=2)
+    export_checkpoint(str(work / 'c100.pth'), str(root), 'cifar10')
+    # another architecture (outer dim 96) under the registered patch-16 CIFAR-10 name
+    write_train_checkpoint(work / 'p16.pth', arch='titn_tiny_patch16_32', in_chans=3, dataset='cifar10', depth=2,
+                           embed_dim=96)
+    export_checkpoint(str(work / 'p16.pth'), str(root), 'cifar10')
+    # a truncated model.safetensors
+    truncated = root / f'{ARCH}.cifar100'
+    shutil.copytree(root / f'{ARCH}.mnist', truncated)
+    data = (truncated / 'model.safetensors').read_bytes()
+    (truncated / 'model.safetensors').write_bytes(data[:len(data) // 2])
+    # a repo with only a malicious pickle: it must never be unpickled without weights_only
+    evil = root / 'titn_tiny_patch16_32.mnist'
+    evil.mkdir()
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f'touch {work}/PWNED',))
+    (evil / 'pytorch_model.bin').write_bytes(pickle.dumps({'x': Boom()}))
+    # a repo with a config but no weights file at all
+    (root / 'no-weights').mkdir()
+    shutil.copy(root / f'{ARCH}.mnist' / 'config.json', root / 'no-weights' / 'config.json')
+    server, endpoint, requests = start_hub_server(root)
+    yield dict(root=root, endpoint=endpoint, requests=requests, work=work)
+    server.shutdown()
+
+
+def run_with_hub(hub, code, hf_home, offline=False):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
+    env.update(HF_ENDPOINT=hub['endpoint'], HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY='1',
+               HF_HUB_DISABLE_XET='1', PYTHONPATH=REPO_ROOT)
+    if offline:
+        env['HF_HUB_OFFLINE'] = '1'
+    prelude = 'import json, torch, timm, titn_lib\n'
+    return subprocess.run([sys.executable, '-c', prelude + textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_export_writes_hub_layout(hub):
+    folder = hub['root'] / f'{ARCH}.mnist'
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == ARCH
+    assert config['pretrained_cfg']['input_size'] == [1, 32, 32]
+    assert config['pretrained_cfg']['classifier'] == ['head', 'head_dist']
+    card = (folder / 'README.md').read_text()
+    assert 'titn train ...' in card and 'top-1' in card and 'license' in card.lower()
+
+
+def test_pretrained_download_cache_and_offline(hub, tmp_path):
+    folder = hub['root'] / f'{ARCH}.mnist'
+    expected = load_file(str(folder / 'model.safetensors'))
+    torch.save(expected, tmp_path / 'expected.pt')
+    code = f'''
+        m = timm.create_model("{ARCH}.mnist", pretrained=True, depth=2)
+        expected = torch.load("{tmp_path / 'expected.pt'}", weights_only=True)
+        state = m.state_dict()
+        assert set(state) == set(expected)
+        assert all(torch.equal(state[k], expected[k]) for k in expected), "tensors differ from the file"
+        assert m.in_chans == 1 and m.num_classes == 10
+        print("OK")
+    '''
+    first = run_with_hub(hub, code, tmp_path / 'hf')
+    assert first.returncode == 0 and 'OK' in first.stdout, first.stderr[-3000:]
+    gets = sum(n for (method, path), n in hub['requests'].items()
+               if method == 'GET' and path.endswith(f'{ARCH}.mnist/resolve/main/model.safetensors'))
+    assert gets == 1
+    second = run_with_hub(hub, code, tmp_path / 'hf')  # from the cache: no second download
+    assert second.returncode == 0, second.stderr[-3000:]
+    gets_after = sum(n for (method, path), n in hub['requests'].items()
+                     if method == 'GET' and path.endswith(f'{ARCH}.mnist/resolve/main/model.safetensors'))
+    assert gets_after == 1
+    offline = run_with_hub(hub, code, tmp_path / 'hf', offline=True)
+    assert offline.returncode == 0 and 'OK' in offline.stdout, offline.stderr[-3000:]
+
+
+def test_hf_hub_and_local_dir_names_read_config(hub, tmp_path):
+    code = f'''
+        m = timm.create_model("hf-hub:titn-lib/{ARCH}.mnist", pretrained=True)
+        assert len(m.blocks) == 2 and m.in_chans == 1, (len(m.blocks), m.in_chans)
+        n = timm.create_model("local-dir:{hub['root'] / f'{ARCH}.mnist'}", pretrained=True)
+        x = torch.randn(1, 1, 32, 32)
+        assert torch.equal(m.eval()(x), n.eval()(x))
+        print("OK")
+    '''
+    result = run_with_hub(hub, code, tmp_path / 'hf')
+    assert result.returncode == 0 and 'OK' in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize('name,kwargs,expected', [
+    ('titn_tiny_patch16_32.cifar100', '', 'titn-lib/titn_tiny_patch16_32.cifar100'),  # no such repo
+    (f'{ARCH}.cifar100', ', depth=2', 'truncated or corrupt'),
+    (f'{ARCH}.cifar10', ', depth=2', 'another architecture or class count'),
+    ('titn_tiny_patch16_32.cifar10', ', depth=2', 'another architecture or class count'),
+])
+def test_clear_errors(hub, tmp_path, name, kwargs, expected):
+    code = f'''
+        from titn_lib.titn import PretrainedWeightsError
+        try:
+            timm.create_model("{name}", pretrained=True{kwargs})
+        except PretrainedWeightsError as e:
+            print("ERROR:", e)
+    '''
+    result = run_with_hub(hub, code, tmp_path / 'hf')
+    assert 'ERROR:' in result.stdout, result.stderr[-3000:]
+    assert expected in result.stdout
+    assert name.split('.')[0] in result.stdout or 'titn-lib/' in result.stdout
+
+
+def test_missing_weights_file_error_names_repo(hub, tmp_path):
+    code = '''
+        from titn_lib.titn import PretrainedWeightsError
+        try:
+            timm.create_model("hf-hub:titn-lib/no-weights", pretrained=True)
+        except PretrainedWeightsError as e:
+            print("ERROR:", e)
+    '''
+    result = run_with_hub(hub, code, tmp_path / 'hf')
+    assert 'ERROR:' in result.stdout, result.stderr[-3000:]
+    assert 'titn-lib/no-weights' in result.stdout and 'has no model.safetensors' in result.stdout
+
+
+def test_pickle_only_repo_is_refused_not_executed(hub, tmp_path):
+    """A repo without model.safetensors: timm falls back to pytorch_model.bin, which is loaded with
+    weights_only=True, so a malicious pickle is refused and never executed."""
+    code = '''
+        from titn_lib.titn import PretrainedWeightsError
+        try:
+            timm.create_model("titn_tiny_patch16_32.mnist", pretrained=True)
+        except PretrainedWeightsError as e:
+            print("ERROR:", e)
+    '''
+    result = run_with_hub(hub, code, tmp_path / 'hf')
+    assert 'ERROR:' in result.stdout and 'titn-lib/titn_tiny_patch16_32.mnist' in result.stdout, result.stderr
+    assert 'weights_only=True' in result.stdout
+    assert not (hub['work'] / 'PWNED').exists()
+
+
+def test_offline_without_cache_is_clear(hub, tmp_path):
+    code = f'''
+        from titn_lib.titn import PretrainedWeightsError
+        try:
+            timm.create_model("{ARCH}.mnist", pretrained=True, depth=2)
+        except PretrainedWeightsError as e:
+            print("ERROR:", e)
+    '''
+    result = run_with_hub(hub, code, tmp_path / 'empty_home', offline=True)
+    assert 'ERROR:' in result.stdout and 'download it once while online' in result.stdout, result.stderr

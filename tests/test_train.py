@@ -1,0 +1,141 @@
+"""titn train: end to end on tiny data, exact resume after SIGKILL, DDP with gloo, recipes and errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from titn_lib.train import parse_args, run
+
+from conftest import REPO_ROOT
+
+TINY_MODEL = ['--model', 'titn_tiny_patch8_32', '--model-kwargs', 'depth=1']
+
+
+def tiny_args(data_dir, output, *extra):
+    return ['--dataset', 'npz', '--num-classes', '3', '--data-dir', str(data_dir), '--output', str(output),
+            '--workers', '0', '-b', '16', '--epochs', '2', '--opt', 'adamw', '--lr', '1e-3', '--no-progress',
+            '--val-split', '0.25', *TINY_MODEL, *extra]
+
+
+def read_history(output):
+    with open(os.path.join(output, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_teacher_then_distilled_student(tiny_npz, tmp_path):
+    teacher_out = tmp_path / 'teacher'
+    run(parse_args(tiny_args(tiny_npz, teacher_out, '--model', 'aircnn_small_32', '--model-kwargs',
+                             '--lr', '0.05', '--opt', 'sgd')))
+    summary = run(parse_args(tiny_args(
+        tiny_npz, tmp_path / 'student', '--teacher', 'aircnn_small_32',
+        '--teacher-checkpoint', str(teacher_out / 'best.pth'), '--cutmix', '0.5', '--aa', 'cifar10')))
+    history = read_history(tmp_path / 'student')
+    assert [h['epoch'] for h in history] == [1, 2]
+    assert {'train_loss', 'train_base', 'train_distill', 'val_top1', 'val_top5', 'val_f1', 'lr'} <= set(history[0])
+    assert summary['test']['n'] == 60 and 0 <= summary['test']['top1'] <= 100
+    for name in ('last.pth', 'best.pth', 'curves.png', 'summary.json'):
+        assert (tmp_path / 'student' / name).is_file()
+    assert (tmp_path / 'student' / 'curves.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tiny_npz, tmp_path):
+    """SIGKILL during epoch 2 of 3, then --resume: the same metrics as a run that was never stopped."""
+    common = tiny_args(tiny_npz, tmp_path / 'ref', '--epochs', '3', '--train-subset', '120', '--threads', '1',
+                       '--val-split', '0.25')
+    run(parse_args(common))
+    reference = read_history(tmp_path / 'ref')
+
+    out = tmp_path / 'killed'
+    cmd = [sys.executable, '-m', 'titn_lib.train', *tiny_args(tiny_npz, out, '--epochs', '3', '--threads', '1'),
+           '--resume', 'auto', '--no-test']
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / 'last.pth').exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(out / 'last.pth', weights_only=True)  # never corrupt, whenever the kill lands
+    assert state['epoch'] in (1, 2)
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resumed = read_history(out)
+    assert [h['epoch'] for h in resumed] == [1, 2, 3]
+    for a, b in zip(reference, resumed):
+        for key in ('val_top1', 'val_top5', 'val_loss', 'train_loss', 'lr'):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+
+
+def test_ddp_gloo_two_processes(tiny_npz, tmp_path):
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           '-m', 'titn_lib.train', *tiny_args(tiny_npz, out, '--epochs', '1', '--threads', '1')]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = read_history(out)
+    assert len(history) == 1  # rank 0 alone writes metrics and checkpoints
+    assert (out / 'last.pth').is_file() and (out / 'summary.json').is_file()
+    state = torch.load(out / 'last.pth', weights_only=True)
+    assert not any(k.startswith('module.') for k in state['model'])
+
+
+def test_recipe_defaults_and_command_line_override(tmp_path):
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('epochs: 7\nlr: 0.5\ncutmix: 0.5\n')
+    args = parse_args(['--recipe', str(recipe), '--lr', '0.01'])
+    assert (args.epochs, args.lr, args.cutmix) == (7, 0.01, 0.5)
+    recipe.write_text('epochs: 7\nlearning_rate: 0.5\n')
+    with pytest.raises(ValueError, match='unknown recipe keys'):
+        parse_args(['--recipe', str(recipe)])
+
+
+@pytest.mark.parametrize('path', sorted(os.listdir(os.path.join(REPO_ROOT, 'recipes'))))
+def test_every_shipped_recipe_parses(path):
+    args = parse_args(['--recipe', os.path.join(REPO_ROOT, 'recipes', path)])
+    assert args.model and args.dataset and args.epochs > 0
+
+
+def test_missing_and_corrupt_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match='no train.npz'):
+        run(parse_args(tiny_args(tmp_path / 'nowhere', tmp_path / 'o')))
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'train.npz').write_bytes(b'not a zip file')
+    with pytest.raises(ValueError, match='not a readable .npz'):
+        run(parse_args(tiny_args(tmp_path / 'bad', tmp_path / 'o')))
+
+
+def test_resume_with_another_optimizer_is_refused(tiny_npz, tmp_path):
+    run(parse_args(tiny_args(tiny_npz, tmp_path / 'o', '--epochs', '1', '--no-test')))
+    with pytest.raises(ValueError, match='--opt'):
+        run(parse_args(tiny_args(tiny_npz, tmp_path / 'o', '--resume', 'auto', '--opt', 'sgd')))
+
+
+def test_unknown_model(tiny_npz, tmp_path):
+    with pytest.raises(ValueError, match='unknown model'):
+        run(parse_args(tiny_args(tiny_npz, tmp_path / 'o', '--model', 'titn_gigantic')))
+
+
+def test_teacher_with_wrong_class_count(tiny_npz, tmp_path):
+    from timm import create_model
+    teacher = create_model('aircnn_small_32', num_classes=7, in_chans=3)
+    torch.save({'model': teacher.state_dict()}, tmp_path / 't.pth')
+    with pytest.raises(ValueError, match='does not fit'):
+        run(parse_args(tiny_args(tiny_npz, tmp_path / 'o', '--teacher', 'aircnn_small_32',
+                                 '--teacher-checkpoint', str(tmp_path / 't.pth'))))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_npz, tmp_path):
+    out = tmp_path / 'nan'
+    run(parse_args(tiny_args(tiny_npz, out, '--epochs', '1', '--no-test')))
+    good = torch.load(out / 'last.pth', weights_only=True)
+    with pytest.raises(FloatingPointError, match='last good checkpoint'):  # a diverging continuation
+        run(parse_args(tiny_args(tiny_npz, out, '--epochs', '2', '--resume', 'auto', '--lr', '1e30',
+                                 '--no-test')))
+    kept = torch.load(out / 'last.pth', weights_only=True)
+    assert kept['epoch'] == good['epoch'] == 1
+    for k in good['model']:
+        assert torch.equal(kept['model'][k], good['model'][k])

@@ -1,0 +1,106 @@
+"""Hub-layout export: ``weights/<arch>.<tag>/`` with ``model.safetensors`` and ``config.json`` written by timm's
+``save_for_hf`` (so both ``hf-hub:<namespace>/<arch>.<tag>`` and ``local-dir:<folder>`` load it), and a model card.
+
+Upload a folder with one command: ``hf upload <namespace>/<arch>.<tag> weights/<arch>.<tag> .``
+"""
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+from timm.models import save_for_hf
+
+from .modeling import create_model
+
+__all__ = ['export_checkpoint', 'model_card']
+
+CITATION = """@article{titn,
+  title = {A Transformer-in-Transformer Network Utilizing Knowledge Distillation for Image Recognition},
+}"""
+
+
+def export_checkpoint(checkpoint: str, output_root: str, tag: str, metrics: Optional[Dict] = None,
+                      train_command: str = '', notes: str = '') -> str:
+    """Write ``<output_root>/<arch>.<tag>/`` from a ``titn train`` checkpoint; returns the folder."""
+    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    if not isinstance(state, dict) or 'arch' not in state:
+        raise ValueError(f'{checkpoint} is not a checkpoint written by titn train (no "arch" entry)')
+    arch = state['arch']
+    name = f'{arch}.{tag}'
+    model = create_model(name, num_classes=state['num_classes'], in_chans=state['in_chans'],
+                         img_size=state['img_size'], **state.get('model_kwargs', {}))
+    model.load_state_dict(state['model'])
+    metrics_log = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), 'metrics.jsonl')
+    if os.path.isfile(metrics_log):
+        with open(metrics_log) as f:
+            state['history'] = [json.loads(line) for line in f if line.strip()]
+    folder = os.path.join(output_root, name)
+    save_for_hf(model, folder, safe_serialization=True)
+    card = model_card(name, model.pretrained_cfg.get('hf_hub_id', name), state, metrics or {}, train_command, notes)
+    with open(os.path.join(folder, 'README.md'), 'w') as f:
+        f.write(card)
+    return folder
+
+
+def _history_table(history: List[Dict]) -> str:
+    lines = ['| epoch | wall time (min, cumulative) | train loss | val top-1 (%) | val top-5 (%) |', '|---|---|---|---|---|']
+    elapsed = 0.0
+    for h in history:
+        elapsed += h.get('epoch_time_s', 0.0)
+        lines.append(f"| {h['epoch']} | {elapsed / 60:.1f} | {h['train_loss']:.4f} | "
+                     f"{h.get('val_top1', float('nan')):.2f} | {h.get('val_top5', float('nan')):.2f} |")
+    return '\n'.join(lines)
+
+
+def model_card(name: str, repo_id: str, state: Dict, metrics: Dict, train_command: str, notes: str) -> str:
+    """A Hub model card: metrics, data, training command, wall time, hardware, license and citation."""
+    arch = state['arch']
+    m = metrics
+    metric_rows = '\n'.join([
+        '| metric | value |', '|---|---|',
+        *(f'| {label} | {m[key]:{fmt}} |' for key, label, fmt in [
+            ('top1', 'top-1 (%)', '.2f'), ('top5', 'top-5 (%)', '.2f'), ('precision', 'macro precision', '.4f'),
+            ('recall', 'macro recall', '.4f'), ('f1', 'macro F1', '.4f'), ('params_m', 'parameters (M)', '.3f'),
+            ('gmacs', 'GMACs per image', '.4f'), ('img_s', f'images/s ({m.get("device", "?")}, batch 128)', '.0f'),
+        ] if key in m)])
+    history = state.get('history')
+    train_time = sum(h.get('epoch_time_s', 0.0) for h in history) / 3600 if history else None
+    curve = f'## Accuracy against training time\n{_history_table(history)}\n' if history else ''
+    return f"""---
+library_name: timm
+license: apache-2.0
+tags: [image-classification, timm, titn-lib]
+datasets: [{state['dataset']}]
+---
+# {name}
+
+`{arch}` trained on {state['dataset']} with `titn train` ([titn-lib](https://github.com/titn-lib/titn-lib)).
+
+```python
+import timm, titn_lib
+model = timm.create_model("{name}", pretrained=True)   # downloads {repo_id}
+```
+
+## Metrics (full {state['dataset']} test split, measured by `titn eval`)
+{metric_rows}
+
+## Data
+{state['dataset']} train split, {state.get('val_fraction_note', 'with a class-stratified 10% validation split carved out for model selection')};
+input {state['in_chans']}x{state['img_size']}x{state['img_size']}, mean {tuple(state['mean'])}, std {tuple(state['std'])}.
+The checkpoint is the epoch with the best validation top-1 (epoch {state.get('epoch', '?')}).
+
+## Training
+```
+{train_command or '(command not recorded)'}
+```
+Wall time: {f'{train_time:.2f} h' if train_time is not None else 'see notes'}; hardware: {m.get('hardware', 'see notes')}.
+
+{curve}
+{notes}
+
+## License and citation
+Apache-2.0. Please cite the paper:
+```
+{CITATION}
+```
+"""

@@ -1,0 +1,107 @@
+"""Cheap, strong CNN teachers for 32x32 inputs, registered with timm.
+
+The paper distils from VGG16_bn (§4.1); any timm model can be a teacher (``titn train --teacher``). These
+networks follow the CIFAR-10 speed-record design of Keller Jordan's airbench (conv groups of
+conv -> max-pool -> batch-norm -> GELU -> conv -> batch-norm -> GELU, a scaled linear head): close to VGG16_bn's
+accuracy at about 1/3 of its parameters and 1/3 of its FLOPs per image, which matters on a CPU budget.
+"""
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .titn import CIFAR10_LABELS, CIFAR10_MEAN, CIFAR10_STD, HUB_NAMESPACE, MNIST_LABELS, MNIST_MEAN, MNIST_STD
+
+__all__ = ['AirCNN']
+
+
+class ConvGroup(nn.Module):
+    """conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU."""
+
+    def __init__(self, in_chs: int, out_chs: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = nn.BatchNorm2d(out_chs)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.pool(self.conv1(x))))
+        return self.act(self.bn2(self.conv2(x)))
+
+
+class AirCNN(nn.Module):
+    """airbench-style CNN for 32x32 images: a 2x2 stem, three conv groups, global max-pool, scaled linear."""
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 10,
+            widths: Sequence[int] = (64, 256, 256),
+            stem_width: int = 24,
+            logit_scale: float = 1 / 9,
+            drop_rate: float = 0.,
+            global_pool: str = 'max',
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.logit_scale = logit_scale
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, stem_width, 2, bias=True), nn.GELU())
+        chs = [stem_width, *widths]
+        self.stages = nn.Sequential(*[ConvGroup(chs[i], chs[i + 1]) for i in range(len(widths))])
+        self.num_features = self.head_hidden_size = chs[-1]
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes, bias=False) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str = 'max') -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes, bias=False) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.pool(x).flatten(1))
+        return x if pre_logits else self.head(x) * self.logit_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(variant_tag: str, dataset: str) -> dict:
+    stats = {
+        'cifar10': dict(mean=CIFAR10_MEAN, std=CIFAR10_STD, num_classes=10, label_names=CIFAR10_LABELS,
+                        input_size=(3, 32, 32), interpolation='bicubic'),
+        'mnist': dict(mean=MNIST_MEAN, std=MNIST_STD, num_classes=10, label_names=MNIST_LABELS,
+                      input_size=(1, 32, 32), interpolation='bilinear'),
+    }[dataset]
+    return dict(
+        hf_hub_id=f'{HUB_NAMESPACE}/{variant_tag}', pool_size=None, crop_pct=1.0, crop_mode='center',
+        first_conv='stem.0', classifier='head', license='apache-2.0', **stats)
+
+
+default_cfgs = generate_default_cfgs({
+    'aircnn_32.cifar10': _cfg('aircnn_32.cifar10', 'cifar10'),
+    'aircnn_small_32.mnist': _cfg('aircnn_small_32.mnist', 'mnist'),
+})
+
+
+@register_model
+def aircnn_32(pretrained: bool = False, **kwargs) -> AirCNN:
+    """airbench94-sized teacher (widths 64/256/256, about 2M parameters)."""
+    return build_model_with_cfg(AirCNN, 'aircnn_32', pretrained, **dict(dict(widths=(64, 256, 256)), **kwargs))
+
+
+@register_model
+def aircnn_small_32(pretrained: bool = False, **kwargs) -> AirCNN:
+    """A quarter-width teacher (widths 32/64/64) for MNIST-sized problems."""
+    return build_model_with_cfg(
+        AirCNN, 'aircnn_small_32', pretrained, **dict(dict(widths=(32, 64, 64), stem_width=16), **kwargs))
