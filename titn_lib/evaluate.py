@@ -65,7 +65,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FlopCounterMode's module tracker hooks need autograd-aware tensors
 def gmacs_per_image(model: nn.Module, input_size: Sequence[int]) -> float:
     """Multiply-accumulates of one forward pass for one image, in billions (``torch.utils.flop_counter``)."""
     was_training = model.training
