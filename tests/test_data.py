@@ -1,5 +1,4 @@
 """Datasets (.npz, torchvision CIFAR-100 format, ImageFolder), splits and transforms; real data when present."""
-import os
 import pickle
 
 import numpy as np

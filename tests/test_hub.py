@@ -78,6 +78,20 @@ def run_with_hub(hub, code, hf_home, offline=False):
                           text=True, timeout=300)
 
 
+def load_error(hub, hf_home, create_call, offline=False):
+    """Run ``create_call`` in a fresh process against the loopback Hub; return the PretrainedWeightsError text."""
+    code = f'''
+        from titn_lib.titn import PretrainedWeightsError
+        try:
+            {create_call}
+        except PretrainedWeightsError as e:
+            print("ERROR:", e)
+    '''
+    result = run_with_hub(hub, code, hf_home, offline=offline)
+    assert 'ERROR:' in result.stdout, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_export_writes_hub_layout(hub):
     folder = hub['root'] / f'{ARCH}.mnist'
     assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
@@ -136,55 +150,52 @@ def test_hf_hub_and_local_dir_names_read_config(hub, tmp_path):
     ('titn_tiny_patch16_32.cifar10', ', depth=2', 'another architecture or class count'),
 ])
 def test_clear_errors(hub, tmp_path, name, kwargs, expected):
-    code = f'''
-        from titn_lib.titn import PretrainedWeightsError
-        try:
-            timm.create_model("{name}", pretrained=True{kwargs})
-        except PretrainedWeightsError as e:
-            print("ERROR:", e)
-    '''
-    result = run_with_hub(hub, code, tmp_path / 'hf')
-    assert 'ERROR:' in result.stdout, result.stderr[-3000:]
-    assert expected in result.stdout
-    assert name.split('.')[0] in result.stdout or 'titn-lib/' in result.stdout
+    out = load_error(hub, tmp_path / 'hf', f'timm.create_model("{name}", pretrained=True{kwargs})')
+    assert expected in out
+    assert name.split('.')[0] in out or 'titn-lib/' in out
 
 
 def test_missing_weights_file_error_names_repo(hub, tmp_path):
-    code = '''
-        from titn_lib.titn import PretrainedWeightsError
-        try:
-            timm.create_model("hf-hub:titn-lib/no-weights", pretrained=True)
-        except PretrainedWeightsError as e:
-            print("ERROR:", e)
-    '''
-    result = run_with_hub(hub, code, tmp_path / 'hf')
-    assert 'ERROR:' in result.stdout, result.stderr[-3000:]
-    assert 'titn-lib/no-weights' in result.stdout and 'has no model.safetensors' in result.stdout
+    out = load_error(hub, tmp_path / 'hf', 'timm.create_model("hf-hub:titn-lib/no-weights", pretrained=True)')
+    assert 'titn-lib/no-weights' in out and 'has no model.safetensors' in out
 
 
 def test_pickle_only_repo_is_refused_not_executed(hub, tmp_path):
-    """A repo without model.safetensors: timm falls back to pytorch_model.bin, which is loaded with
+    """timm falls back to pytorch_model.bin when a repo has no model.safetensors; it is loaded with
     weights_only=True, so a malicious pickle is refused and never executed."""
-    code = '''
-        from titn_lib.titn import PretrainedWeightsError
-        try:
-            timm.create_model("titn_tiny_patch16_32.mnist", pretrained=True)
-        except PretrainedWeightsError as e:
-            print("ERROR:", e)
-    '''
-    result = run_with_hub(hub, code, tmp_path / 'hf')
-    assert 'ERROR:' in result.stdout and 'titn-lib/titn_tiny_patch16_32.mnist' in result.stdout, result.stderr
-    assert 'weights_only=True' in result.stdout
+    out = load_error(hub, tmp_path / 'hf', 'timm.create_model("titn_tiny_patch16_32.mnist", pretrained=True)')
+    assert 'titn-lib/titn_tiny_patch16_32.mnist' in out and 'weights_only=True' in out
     assert not (hub['work'] / 'PWNED').exists()
 
 
 def test_offline_without_cache_is_clear(hub, tmp_path):
-    code = f'''
-        from titn_lib.titn import PretrainedWeightsError
-        try:
-            timm.create_model("{ARCH}.mnist", pretrained=True, depth=2)
-        except PretrainedWeightsError as e:
-            print("ERROR:", e)
-    '''
-    result = run_with_hub(hub, code, tmp_path / 'empty_home', offline=True)
-    assert 'ERROR:' in result.stdout and 'download it once while online' in result.stdout, result.stderr
+    out = load_error(hub, tmp_path / 'empty_home', f'timm.create_model("{ARCH}.mnist", pretrained=True, depth=2)',
+                     offline=True)
+    assert 'download it once while online' in out
+
+
+SHIPPED = os.path.join(REPO_ROOT, 'weights')
+
+
+@pytest.mark.skipif(not os.path.isdir(SHIPPED) or not os.listdir(SHIPPED),
+                    reason='no weights/ folders in this checkout')
+@pytest.mark.parametrize('folder', sorted(os.listdir(SHIPPED)) if os.path.isdir(SHIPPED) else [])
+def test_shipped_weights_load_through_the_hub_protocol(folder, tmp_path):
+    """Every folder of weights/ is a Hub repo that `pretrained=True` downloads and loads exactly."""
+    server, endpoint, _ = start_hub_server(SHIPPED)
+    try:
+        expected = load_file(os.path.join(SHIPPED, folder, 'model.safetensors'))
+        torch.save(expected, tmp_path / 'expected.pt')
+        with open(os.path.join(SHIPPED, folder, 'config.json')) as f:
+            in_chans = json.load(f)['pretrained_cfg']['input_size'][0]
+        code = f'''
+            m = timm.create_model("{folder}", pretrained=True).eval()
+            expected = torch.load("{tmp_path / 'expected.pt'}", weights_only=True)
+            assert all(torch.equal(m.state_dict()[k], v) for k, v in expected.items())
+            assert m(torch.randn(2, {in_chans}, 32, 32)).shape == (2, m.num_classes)
+            print("OK", m.pretrained_cfg["hf_hub_id"])
+        '''
+        result = run_with_hub(dict(endpoint=endpoint), code, tmp_path / 'hf')
+        assert result.returncode == 0 and f'OK titn-lib/{folder}' in result.stdout, result.stderr[-3000:]
+    finally:
+        server.shutdown()

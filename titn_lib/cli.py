@@ -29,6 +29,7 @@ def _export(argv: List[str]) -> None:
     p.add_argument('--output', default='weights')
     p.add_argument('--metrics', default=None, help='JSON written by titn eval --json (first row is used)')
     p.add_argument('--train-command', default='', help='the exact training command, for the model card')
+    p.add_argument('--hardware', default='', help='what it was trained on, e.g. "2 CPU cores (AMD EPYC)"')
     p.add_argument('--notes', default='', help='extra Markdown for the model card')
     a = p.parse_args(argv)
     metrics = {}
@@ -36,6 +37,8 @@ def _export(argv: List[str]) -> None:
         with open(a.metrics) as f:
             rows = json.load(f)
         metrics = rows[0] if isinstance(rows, list) else rows
+    if a.hardware:
+        metrics['hardware'] = a.hardware
     print(export_checkpoint(a.checkpoint, a.output, a.tag, metrics, a.train_command, a.notes))
 
 

@@ -43,7 +43,8 @@ def export_checkpoint(checkpoint: str, output_root: str, tag: str, metrics: Opti
 
 
 def _history_table(history: List[Dict]) -> str:
-    lines = ['| epoch | wall time (min, cumulative) | train loss | val top-1 (%) | val top-5 (%) |', '|---|---|---|---|---|']
+    lines = ['| epoch | wall time (min, cumulative) | train loss | val top-1 (%) | val top-5 (%) |',
+             '|---|---|---|---|---|']
     elapsed = 0.0
     for h in history:
         elapsed += h.get('epoch_time_s', 0.0)
@@ -65,6 +66,13 @@ def model_card(name: str, repo_id: str, state: Dict, metrics: Dict, train_comman
         ] if key in m)])
     history = state.get('history')
     train_time = sum(h.get('epoch_time_s', 0.0) for h in history) / 3600 if history else None
+    val_split = state.get('val_split')
+    if val_split is None:
+        split_note = 'validation split not recorded'
+    elif val_split == 0:
+        split_note = 'no validation split (the last epoch is kept)'
+    else:
+        split_note = f'less a class-stratified {val_split:.0%} validation split used for model selection'
     curve = f'## Accuracy against training time\n{_history_table(history)}\n' if history else ''
     return f"""---
 library_name: timm
@@ -85,7 +93,7 @@ model = timm.create_model("{name}", pretrained=True)   # downloads {repo_id}
 {metric_rows}
 
 ## Data
-{state['dataset']} train split, {state.get('val_fraction_note', 'with a class-stratified 10% validation split carved out for model selection')};
+{state['dataset']} train split, {split_note};
 input {state['in_chans']}x{state['img_size']}x{state['img_size']}, mean {tuple(state['mean'])}, std {tuple(state['std'])}.
 The checkpoint is the epoch with the best validation top-1 (epoch {state.get('epoch', '?')}).
 

@@ -8,12 +8,12 @@
   ``[cls, dist, patches]``.
 * :class:`DistillationHead` is the DeiT-style pair of classifiers on the class and distillation tokens.
 """
-import math
 from typing import Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops.layers.torch import Rearrange
 from timm.layers import DropPath, Mlp, to_2tuple
 
 __all__ = ['PixelEmbed', 'Attention', 'InnerBlock', 'OuterBlock', 'PixelToPatch', 'DistillationHead', 'classifier_pair']
@@ -53,6 +53,8 @@ class PixelEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.pixel_grid = (self.patch_size[0] // self.pixel_size[0], self.patch_size[1] // self.pixel_size[1])
         self.num_pixel = self.pixel_grid[0] * self.pixel_grid[1]
+        self.to_patches = Rearrange('b c (gh ph) (gw pw) -> (b gh gw) c ph pw', ph=self.patch_size[0],
+                                    pw=self.patch_size[1])
         self.proj = nn.Conv2d(in_chans, inner_dim, kernel_size, stride=self.pixel_size, padding=kernel_size // 2)
         self.pixel_pos = nn.Parameter(torch.zeros(1, inner_dim, *self.pixel_grid))
 
@@ -74,11 +76,7 @@ class PixelEmbed(nn.Module):
         if not torch.jit.is_scripting():
             if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
                 self.check_input(x)
-        B, C, H, W = x.shape
-        (gh, gw), (ph, pw) = self.grid_size, self.patch_size
-        # unfold into patches with a reshape/permute (cheaper than nn.Unfold): (B*N, C, p, p)
-        x = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C, ph, pw)
-        x = self.proj(x) + self.pixel_pos
+        x = self.proj(self.to_patches(x)) + self.pixel_pos  # a reshape/permute, cheaper than nn.Unfold
         return x.flatten(2).transpose(1, 2)  # (B*N, P, inner_dim)
 
 
@@ -215,7 +213,8 @@ class PixelToPatch(nn.Module):
         return self.norm2_proj(self.proj(self.norm1_proj(x)))
 
 
-def classifier_pair(in_features: int, num_classes: int, like: Optional[nn.Module] = None) -> Tuple[nn.Module, nn.Module]:
+def classifier_pair(
+        in_features: int, num_classes: int, like: Optional[nn.Module] = None) -> Tuple[nn.Module, nn.Module]:
     """``(head, head_dist)``: two fresh linear classifiers (identities when ``num_classes == 0``).
 
     ``like``: a module whose parameters' device and dtype the new layers take, and whose train/eval mode.

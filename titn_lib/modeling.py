@@ -1,7 +1,6 @@
 """Creating and loading models for training and evaluation: timm names, optional keywords, small-input
 adaptation of ImageNet CNN teachers, and safe checkpoint loading (``weights_only=True`` or safetensors)."""
 import os
-from typing import Optional
 
 import timm
 import torch

@@ -27,6 +27,18 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 MNIST_LABELS = tuple(str(d) for d in range(10))
+CIFAR100_LABELS = tuple('''
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle
+    bowl boy bridge bus butterfly camel can castle caterpillar cattle
+    chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
+    dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard
+    lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain
+    mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree
+    plain plate poppy porcupine possum rabbit raccoon ray road rocket
+    rose sea seal shark shrew skunk skyscraper snail snake spider
+    squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor
+    train trout tulip turtle wardrobe whale willow_tree wolf woman worm
+'''.split())  # torchvision's fine-label order
 
 
 class Block(nn.Module):
@@ -271,7 +283,8 @@ def _small_data_cfg(variant_tag: str, dataset: str, **kwargs) -> dict:
     stats = {
         'cifar10': dict(mean=CIFAR10_MEAN, std=CIFAR10_STD, num_classes=10, label_names=CIFAR10_LABELS,
                         input_size=(3, 32, 32)),
-        'cifar100': dict(mean=CIFAR100_MEAN, std=CIFAR100_STD, num_classes=100, input_size=(3, 32, 32)),
+        'cifar100': dict(mean=CIFAR100_MEAN, std=CIFAR100_STD, num_classes=100, label_names=CIFAR100_LABELS,
+                         input_size=(3, 32, 32)),
         # MNIST's 28x28 digits are resized to 32x32 (paper §4.1), bilinear
         'mnist': dict(mean=MNIST_MEAN, std=MNIST_STD, num_classes=10, label_names=MNIST_LABELS,
                       input_size=(1, 32, 32), interpolation='bilinear'),

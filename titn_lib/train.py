@@ -10,7 +10,6 @@ moment repeats the interrupted epoch exactly and ends with the same metrics as a
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -25,7 +24,7 @@ import yaml
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ParseKwargs
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from . import data as data_lib
 from .evaluate import evaluate
@@ -58,7 +57,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (the paper: 0.5)')
     g.add_argument('--mixup-prob', type=float, default=1.0)
     g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
-    g.add_argument('--workers', '-j', type=int, default=2, help='data loader processes')
+    g.add_argument('--workers', '-j', type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
+                   help='data loader processes (default leaves a core to the model on small machines)')
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=10)
     g.add_argument('-b', '--batch-size', type=int, default=128, help='per process')
@@ -331,7 +331,8 @@ def run(args) -> Dict:
     eval_loader = None if val_set is None else DataLoader(val_set, batch_size=256, shuffle=False,
                                                           num_workers=args.workers)
     meta = dict(arch=args.model, model_kwargs=model_kwargs, num_classes=info.num_classes, in_chans=info.in_chans,
-                img_size=args.img_size, mean=list(info.mean), std=list(info.std), dataset=args.dataset)
+                img_size=args.img_size, mean=list(info.mean), std=list(info.std), dataset=args.dataset,
+                val_split=args.val_split)
     progress = is_main and not args.no_progress
 
     for epoch in range(start_epoch, args.epochs):
