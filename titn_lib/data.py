@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from PIL import Image
 from timm.data import Mixup
 from torch.utils.data import Dataset, Subset
@@ -170,9 +169,3 @@ def build_mixup(mixup: float, cutmix: float, num_classes: int, smoothing: float 
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
                  label_smoothing=smoothing, num_classes=num_classes)
 
-
-def to_tensor_dataset(dataset, batch_size: int = 1024) -> torch.utils.data.TensorDataset:
-    """Materialise a (deterministically transformed) dataset as tensors, for fast repeated evaluation."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    xs, ys = zip(*loader)
-    return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
