@@ -5,7 +5,7 @@ channel count (timm adapts ``pixel_embed.proj``) and another image size (``patch
 ``checkpoint_filter_fn``). Both runs then take the same number of steps on the same images.
 
     python examples/finetune.py --weights titn_tiny_patch8_32.cifar10 --dataset mnist --num-images 5000 \
-        --classes 5 --img-size 48 --steps 300
+        --classes 5 --img-size 48 --steps 150
     # weights: a registered tag (downloaded from the Hub), or local-dir:weights/<arch>.<tag>
 """
 import argparse
@@ -61,7 +61,7 @@ def main(argv=None):
     p.add_argument('--test-images', type=int, default=2000)
     p.add_argument('--classes', type=int, default=5, help='keep the first N classes (a new class count)')
     p.add_argument('--img-size', type=int, default=48, help='a new input size (patch_pos is resampled)')
-    p.add_argument('--steps', type=int, default=300)
+    p.add_argument('--steps', type=int, default=150)
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--lr', type=float, default=5e-4)
     p.add_argument('--seed', type=int, default=0)

@@ -26,9 +26,10 @@ def test_train_eval_export(tiny_npz, tmp_path, capsys):
     main(['export', str(out / 'best.pth'), '--tag', 'cifar10', '--output', str(tmp_path / 'weights'),
           '--metrics', str(tmp_path / 'eval.json'), '--train-command', 'titn train --dataset npz'])
     folder = tmp_path / 'weights' / 'titn_tiny_patch8_32.cifar10'
-    assert {p.name for p in folder.iterdir()} == {'model.safetensors', 'config.json', 'README.md'}
+    assert {p.name for p in folder.iterdir()} == {'model.safetensors', 'config.json', 'README.md', 'curves.png'}
     card = (folder / 'README.md').read_text()
     assert 'titn train --dataset npz' in card and f"{rows[0]['top1']:.2f}" in card
+    assert '](curves.png)' in card and (folder / 'curves.png').read_bytes() == (out / 'curves.png').read_bytes()
 
 
 def test_console_script_usage():

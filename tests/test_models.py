@@ -118,6 +118,58 @@ def test_attention_matches_softmax_reference():
     torch.testing.assert_close(attn(x), reference, atol=1e-6, rtol=1e-5)
 
 
+def _straightforward_titn(model, x):
+    """TITN written the plain way (nn.Unfold, permuted qkv copies, explicit softmax, slice + cat), with the
+    model's parameters: the reference for the faster layouts in titn_lib.layers."""
+    B, C = x.shape[:2]
+    pe = model.pixel_embed
+    p, N, P = pe.patch_size[0], pe.num_patches, pe.num_pixel
+    patches = F.unfold(x, kernel_size=p, stride=p).transpose(1, 2).reshape(B * N, C, p, p)
+    pixels = (pe.proj(patches) + pe.pixel_pos).reshape(B * N, -1, P).transpose(1, 2)
+
+    def attention(attn, t):
+        n, L, D = t.shape
+        qkv = attn.qkv(t).reshape(n, L, 3, attn.num_heads, D // attn.num_heads).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax(qkv[0] @ qkv[1].transpose(-2, -1) * attn.scale, dim=-1)
+        return attn.proj((weights @ qkv[2]).transpose(1, 2).reshape(n, L, D))
+
+    def block(b, t):
+        t = t + attention(b.attn, b.norm1(t))
+        return t + b.mlp(b.norm2(t))
+
+    def pixel_to_patch(pp, pix):
+        return pp.norm2_proj(pp.proj(pp.norm1_proj(pix.reshape(B, N, -1))))
+
+    tokens = torch.cat([model.cls_token.expand(B, -1, -1), model.dist_token.expand(B, -1, -1),
+                        pixel_to_patch(model.patch_embed, pixels)], dim=1) + model.patch_pos
+    for blk in model.blocks:
+        pixels = block(blk.inner, pixels)
+        tokens = torch.cat([tokens[:, :2], tokens[:, 2:] + pixel_to_patch(blk.outer.pixel_proj, pixels)], dim=1)
+        tokens = block(blk.outer, tokens)
+    tokens = model.norm(tokens)
+    return (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2
+
+
+def test_fast_path_matches_straightforward_formulation():
+    """Outputs and every gradient (parameters and input) within 1e-5 in float32 (issue: performance)."""
+    torch.manual_seed(0)
+    model = timm.create_model('titn_tiny_patch8_32', num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    grads = []
+    for forward in (model, lambda t: _straightforward_titn(model, t)):
+        model.zero_grad()
+        x.grad = None
+        out = forward(x)
+        (out * torch.linspace(-1, 1, 10)).mean().backward()
+        grads.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (fast_out, fast_dx, fast_dp), (ref_out, ref_dx, ref_dp) = grads
+    torch.testing.assert_close(fast_out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_dx, ref_dx, atol=1e-5, rtol=1e-5)
+    assert fast_dp.keys() == ref_dp.keys()
+    for name in ref_dp:
+        torch.testing.assert_close(fast_dp[name], ref_dp[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_safetensors_round_trip(tmp_path):
     from safetensors.torch import load_file, save_file
     model = small(num_classes=10).eval()

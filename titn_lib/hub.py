@@ -5,6 +5,7 @@ Upload a folder with one command: ``hf upload <namespace>/<arch>.<tag> weights/<
 """
 import json
 import os
+import shutil
 from typing import Dict, List, Optional
 
 import torch
@@ -30,12 +31,17 @@ def export_checkpoint(checkpoint: str, output_root: str, tag: str, metrics: Opti
     model = create_model(name, num_classes=state['num_classes'], in_chans=state['in_chans'],
                          img_size=state['img_size'], **state.get('model_kwargs', {}))
     model.load_state_dict(state['model'])
-    metrics_log = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), 'metrics.jsonl')
+    run_dir = os.path.dirname(os.path.abspath(checkpoint))
+    metrics_log = os.path.join(run_dir, 'metrics.jsonl')
     if os.path.isfile(metrics_log):
         with open(metrics_log) as f:
             state['history'] = [json.loads(line) for line in f if line.strip()]
     folder = os.path.join(output_root, name)
     save_for_hf(model, folder, safe_serialization=True)
+    curves = os.path.join(run_dir, 'curves.png')
+    if os.path.isfile(curves):  # the run's loss and accuracy plot, shown by the model card
+        shutil.copyfile(curves, os.path.join(folder, 'curves.png'))
+        state['curves'] = 'curves.png'
     card = model_card(name, model.pretrained_cfg.get('hf_hub_id', name), state, metrics or {}, train_command, notes)
     with open(os.path.join(folder, 'README.md'), 'w') as f:
         f.write(card)
@@ -73,7 +79,8 @@ def model_card(name: str, repo_id: str, state: Dict, metrics: Dict, train_comman
         split_note = 'no validation split (the last epoch is kept)'
     else:
         split_note = f'less a class-stratified {val_split:.0%} validation split used for model selection'
-    curve = f'## Accuracy against training time\n{_history_table(history)}\n' if history else ''
+    plot = f'![loss and accuracy against epoch]({state["curves"]})\n\n' if state.get('curves') else ''
+    curve = f'## Accuracy against training time\n{plot}{_history_table(history)}\n' if history else ''
     return f"""---
 library_name: timm
 license: apache-2.0
