@@ -8,6 +8,8 @@ import titn_lib  # noqa: F401  (registers the models)
 SHARED_DATA = os.environ.get(
     'TITN_SHARED_DATA', os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data'))
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+SHIPPED_WEIGHTS = os.path.join(REPO_ROOT, 'weights')  # the published Hub folders, <arch>.<tag>
+SHIPPED_FOLDERS = sorted(os.listdir(SHIPPED_WEIGHTS)) if os.path.isdir(SHIPPED_WEIGHTS) else []
 
 needs_shared_data = pytest.mark.skipif(
     not os.path.isfile(os.path.join(SHARED_DATA, 'mnist', 'test.npz')),

@@ -16,7 +16,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SHIPPED_FOLDERS, SHIPPED_WEIGHTS
 from hub_server import start_hub_server
 from titn_lib.hub import export_checkpoint
 
@@ -174,19 +174,15 @@ def test_offline_without_cache_is_clear(hub, tmp_path):
     assert 'download it once while online' in out
 
 
-SHIPPED = os.path.join(REPO_ROOT, 'weights')
-
-
-@pytest.mark.skipif(not os.path.isdir(SHIPPED) or not os.listdir(SHIPPED),
-                    reason='no weights/ folders in this checkout')
-@pytest.mark.parametrize('folder', sorted(os.listdir(SHIPPED)) if os.path.isdir(SHIPPED) else [])
+@pytest.mark.skipif(not SHIPPED_FOLDERS, reason='no weights/ folders in this checkout')
+@pytest.mark.parametrize('folder', SHIPPED_FOLDERS)
 def test_shipped_weights_load_through_the_hub_protocol(folder, tmp_path):
     """Every folder of weights/ is a Hub repo that `pretrained=True` downloads and loads exactly."""
-    server, endpoint, _ = start_hub_server(SHIPPED)
+    server, endpoint, _ = start_hub_server(SHIPPED_WEIGHTS)
     try:
-        expected = load_file(os.path.join(SHIPPED, folder, 'model.safetensors'))
+        expected = load_file(os.path.join(SHIPPED_WEIGHTS, folder, 'model.safetensors'))
         torch.save(expected, tmp_path / 'expected.pt')
-        with open(os.path.join(SHIPPED, folder, 'config.json')) as f:
+        with open(os.path.join(SHIPPED_WEIGHTS, folder, 'config.json')) as f:
             in_chans = json.load(f)['pretrained_cfg']['input_size'][0]
         code = f'''
             m = timm.create_model("{folder}", pretrained=True).eval()

@@ -6,20 +6,17 @@ import re
 import pytest
 from torch.utils.data import DataLoader
 
-from conftest import REPO_ROOT, SHARED_DATA, needs_shared_data
+from conftest import SHARED_DATA, SHIPPED_FOLDERS, SHIPPED_WEIGHTS, needs_shared_data
 from titn_lib.data import build_dataset
 from titn_lib.evaluate import evaluate, load_for_eval
 
-WEIGHTS = os.path.join(REPO_ROOT, 'weights')
-FOLDERS = sorted(os.listdir(WEIGHTS)) if os.path.isdir(WEIGHTS) else []
-
 
 @needs_shared_data
-@pytest.mark.parametrize('folder', FOLDERS)
+@pytest.mark.parametrize('folder', SHIPPED_FOLDERS)
 def test_published_top1_is_reproduced(folder):
-    with open(os.path.join(WEIGHTS, folder, 'README.md')) as f:
+    with open(os.path.join(SHIPPED_WEIGHTS, folder, 'README.md')) as f:
         published = float(re.search(r'\| top-1 \(%\) \| ([\d.]+) \|', f.read()).group(1))
-    model, transform, meta = load_for_eval(f'local-dir:{os.path.join(WEIGHTS, folder)}')
+    model, transform, meta = load_for_eval(f'local-dir:{os.path.join(SHIPPED_WEIGHTS, folder)}')
     test_split = build_dataset(folder.rsplit('.', 1)[1], SHARED_DATA, 'test', transform)
     metrics = evaluate(model, DataLoader(test_split, batch_size=500), meta['num_classes'])
     assert metrics['n'] == 10_000
