@@ -18,11 +18,12 @@ def test_train_eval_export(tiny_npz, tmp_path, capsys):
           '--lr', '1e-3', '--no-progress'])
     capsys.readouterr()
     main(['eval', str(out / 'best.pth'), '--dataset', 'npz', '--data-dir', str(tiny_npz), '--workers', '0',
-          '--json', str(tmp_path / 'eval.json')])
+          '--json', str(tmp_path / 'eval.json'), '--tta'])
     table = capsys.readouterr().out
     assert '| Model | Top-1 (%) | Top-5 (%) | Precision | Recall | F1-Score | GMACs/img | Params (M) | img/s |' in table
     rows = json.loads((tmp_path / 'eval.json').read_text())
     assert rows[0]['n'] == 60 and rows[0]['params_m'] > 0 and rows[0]['gmacs'] > 0 and rows[0]['img_s'] > 0
+    assert f"with flip test-time augmentation top-1 {rows[0]['top1_tta']:.2f}" in table  # beside, not instead
     main(['export', str(out / 'best.pth'), '--tag', 'cifar10', '--output', str(tmp_path / 'weights'),
           '--metrics', str(tmp_path / 'eval.json'), '--train-command', 'titn train --dataset npz'])
     folder = tmp_path / 'weights' / 'titn_tiny_patch8_32.cifar10'
@@ -47,3 +48,16 @@ def test_metrics_by_hand():
     assert m['f1'] == pytest.approx((0.8 + 2 / 3) / 2)
     table = format_table([dict(model='x', top1=1.0)]).splitlines()
     assert len(table) == 3 and table[2] == '| x | 1.00 | - | - | - | - | - | - | - |'
+
+
+def test_flip_tta_averages_an_image_and_its_mirror():
+    from titn_lib.evaluate import evaluate
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 2, 2))
+    x = torch.tensor([[[[1., 0.], [0., 0.]]], [[[0., 3.], [0., 0.]]]])
+    y = torch.tensor([0, 1])
+    with torch.no_grad():
+        by_hand = (model(x) + model(x.flip(3))) / 2
+    got = evaluate(model, [(x, y)], 2, flip_tta=True)
+    expected = torch.nn.functional.cross_entropy(by_hand, y, reduction='sum').item() / 2
+    assert got['loss'] == pytest.approx(expected)
+    assert got['top1'] == 50.0 * (by_hand.argmax(1) == y).sum().item()

@@ -95,3 +95,53 @@ def test_shared_data(name, n_train, shape):
     assert train[0][0].shape == shape
     first = {'mnist': [5, 0, 4, 1, 9], 'cifar10': [6, 9, 9, 4, 1]}[name]
     assert train.targets[:5] == first
+
+
+def test_device_loader_eval_batches_equal_the_pil_pipeline(tmp_path):
+    """--loader device, evaluation: the same tensors as the PIL transform (resize 28 -> 32 included)."""
+    from titn_lib.data import DeviceLoader
+    make_npz_split(tmp_path / 'train.npz', 10, channels=1, size=28)
+    mean, std = (0.1307,), (0.3081,)
+    ds = NpzDataset(str(tmp_path / 'train.npz'), build_transforms('mnist', 32, mean, std, is_training=False))
+    loader = DeviceLoader(ds, 4, mean, std, 32, torch.device('cpu'), kind='mnist')
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3 and batches[-1][0].shape == (2, 1, 32, 32)
+    images = torch.cat([x for x, _ in batches])
+    expected = torch.stack([ds[i][0] for i in range(10)])
+    assert images.dtype == torch.float32 and images.shape == expected.shape
+    assert (images - expected).abs().max() <= 1.01 / 255 / std[0]  # at most one grey level (bilinear rounding)
+    assert torch.cat([y for _, y in batches]).tolist() == ds.targets
+
+
+def test_device_loader_training_batches(tmp_path):
+    from titn_lib.data import DeviceLoader, dataset_tensors, subset
+    make_npz_split(tmp_path / 'train.npz', 40)
+    ds = subset(NpzDataset(str(tmp_path / 'train.npz')), range(0, 40, 2))
+    images, labels = dataset_tensors(ds)
+    assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8 and labels.tolist() == [i % 3 for i in
+                                                                                                   range(0, 40, 2)]
+    loader = DeviceLoader(ds, 8, (0.5,) * 3, (0.25,) * 3, 32, torch.device('cpu'), train=True, aa='cifar10',
+                          aug_group=4)
+    torch.manual_seed(1)
+    first = list(loader)
+    assert len(first) == 2 and all(x.shape == (8, 3, 32, 32) and y.shape == (8,) for x, y in first)  # drop_last
+    torch.manual_seed(1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, loader))  # seeded: an epoch repeats exactly
+    with pytest.raises(ValueError, match='no batched version'):
+        DeviceLoader(ds, 8, (0.5,) * 3, (0.25,) * 3, 32, torch.device('cpu'), train=True, aa='rand-m9')
+
+
+def test_random_crop_flip_and_affine():
+    from titn_lib.data import random_affine_jitter, random_crop_flip
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    assert torch.equal(random_crop_flip(x, padding=0, hflip=1.0), x.flip(3))
+    torch.manual_seed(0)
+    crops = random_crop_flip(x, padding=2, hflip=0)
+    padded = torch.nn.functional.pad(x, (2,) * 4)
+    for i in range(2):  # each crop is a 4x4 window of its own zero-padded image
+        windows = padded[i, 0].unfold(0, 4, 1).unfold(1, 4, 1).reshape(-1, 4, 4)
+        assert any(torch.equal(w, crops[i, 0]) for w in windows)
+    same = random_affine_jitter(x.float(), degrees=0, translate=0, scale=(1, 1), brightness=0, contrast=0)
+    assert torch.allclose(same, x.float())
+    moved = random_affine_jitter(x.float().repeat(8, 1, 1, 1), 10, 0.1, (0.9, 1.1), 0.2, 0.2)
+    assert moved.shape == (16, 1, 4, 4) and 0 <= moved.min() and moved.max() <= 255

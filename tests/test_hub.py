@@ -195,3 +195,13 @@ def test_shipped_weights_load_through_the_hub_protocol(folder, tmp_path):
         assert result.returncode == 0 and f'OK titn-lib/{folder}' in result.stdout, result.stderr[-3000:]
     finally:
         server.shutdown()
+
+
+def test_model_card_history_is_thinned_to_the_evaluated_epochs():
+    from titn_lib.hub import _history_table
+    history = [dict(epoch=e, epoch_time_s=60.0, train_loss=1.0, **({'val_top1': e, 'val_top5': 99.0,
+                                                                    'val_ema_top1': e + .5} if e % 5 == 0 else {}))
+               for e in range(1, 301)]
+    rows = _history_table(history, max_rows=30).splitlines()[2:]
+    assert len(rows) <= 31 and rows[-1].startswith('| 300 | 300.0 |') and rows[0].startswith('| 5 | 5.0 |')
+    assert rows[-1].endswith('| 300.00 | 99.00 | 300.50 |')

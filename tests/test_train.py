@@ -139,3 +139,40 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_npz, tmp_path):
     assert kept['epoch'] == good['epoch'] == 1
     for k in good['model']:
         assert torch.equal(kept['model'][k], good['model'][k])
+
+
+def test_device_loader_time_budget_and_weight_average(tiny_npz, tmp_path):
+    """--loader device, --model-ema and --time-budget: a budget that fits 2 epochs gives exactly the run that
+    --epochs 2 gives; the better of model and average is kept, and validation runs every --eval-every epochs."""
+    common = ('--loader', 'device', '--model-ema', '--model-ema-decay', '0.9', '--warmup-epochs', '1',
+              '--threads', '1', '--no-test', '--aa', 'cifar10', '--cutmix', '0.5')
+    run(parse_args(tiny_args(tiny_npz, tmp_path / 'fixed', *common, '--epochs', '2')))
+    summary = run(parse_args(tiny_args(tiny_npz, tmp_path / 'budget', *common, '--epochs', '9',
+                                       '--time-budget', '1e-6')))
+    assert summary['epochs'] == 2  # the warm-up epoch plus one
+    fixed, budget = read_history(tmp_path / 'fixed'), read_history(tmp_path / 'budget')
+    for a, b in zip(fixed, budget):
+        for key in ('lr', 'train_loss', 'val_top1', 'val_ema_top1', 'val_loss'):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+    best = torch.load(tmp_path / 'budget' / 'best.pth', weights_only=True)
+    last = budget[-1]
+    assert best['weights'] == ('ema' if last['val_ema_top1'] > last['val_top1'] else 'model') or best['epoch'] < 2
+
+    run(parse_args(tiny_args(tiny_npz, tmp_path / 'sparse', '--loader', 'device', '--epochs', '3',
+                             '--eval-every', '2', '--save-every', '2', '--no-test', '--threads', '1')))
+    assert ['val_top1' in h for h in read_history(tmp_path / 'sparse')] == [False, True, True]
+    assert torch.load(tmp_path / 'sparse' / 'last.pth', weights_only=True)['epoch'] == 3
+    with pytest.raises(ValueError, match='--warmup-epochs'):
+        run(parse_args(tiny_args(tiny_npz, tmp_path / 'x', '--time-budget', '1')))
+
+
+def test_teacher_amp_runs_the_teacher_in_bf16():
+    from timm import create_model
+    from titn_lib.train import AutocastTeacher
+    teacher = create_model('aircnn_small_32', num_classes=3, in_chans=3).eval()
+    x = torch.randn(4, 3, 32, 32)
+    seen = []
+    teacher.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    logits = AutocastTeacher(teacher)(x)
+    assert seen == [torch.bfloat16] and logits.dtype == torch.float32
+    assert torch.allclose(logits, teacher(x), atol=0.05)

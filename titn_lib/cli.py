@@ -16,8 +16,10 @@ def _eval(argv: List[str]) -> None:
     p.add_argument('--workers', '-j', type=int, default=2)
     p.add_argument('--device', default='')
     p.add_argument('--json', default=None, help='also write the rows to this JSON file')
+    p.add_argument('--tta', action='store_true',
+                   help='also report top-1/top-5 with horizontal-flip test-time augmentation (beside single view)')
     a = p.parse_args(argv)
-    run_eval(a.models, a.dataset, a.data_dir, a.batch_size, a.workers, a.device, a.json)
+    run_eval(a.models, a.dataset, a.data_dir, a.batch_size, a.workers, a.device, a.json, flip_tta=a.tta)
 
 
 def _export(argv: List[str]) -> None:

@@ -7,9 +7,11 @@ arrays, and ImageFolder trees. The ``.npz`` format: one file per split (``train.
 """
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data import Mixup
 from torch.utils.data import Dataset, Subset
@@ -19,7 +21,7 @@ from torchvision import transforms as T
 from .titn import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, MNIST_MEAN, MNIST_STD
 
 __all__ = ['DatasetInfo', 'DATASETS', 'NpzDataset', 'build_dataset', 'train_val_indices', 'build_transforms',
-           'build_mixup']
+           'build_mixup', 'dataset_tensors', 'DeviceLoader']
 
 
 @dataclass(frozen=True)
@@ -169,3 +171,147 @@ def build_mixup(mixup: float, cutmix: float, num_classes: int, smoothing: float 
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
                  label_smoothing=smoothing, num_classes=num_classes)
 
+
+
+def dataset_tensors(dataset) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(images uint8 [N, C, H, W], labels int64 [N])`` of an in-memory dataset: an :class:`NpzDataset`,
+    torchvision's CIFAR / MNIST, or a ``Subset`` of one (what :class:`DeviceLoader` holds on the device)."""
+    indices = None
+    if isinstance(dataset, Subset):
+        indices, dataset = dataset.indices, dataset.dataset
+    if isinstance(dataset, NpzDataset):
+        images, labels = dataset.images, dataset.labels
+    elif isinstance(getattr(dataset, 'data', None), (np.ndarray, torch.Tensor)):
+        images, labels = dataset.data, dataset.targets
+    else:
+        raise ValueError(f'{type(dataset).__name__} does not hold its images in memory; --loader device needs '
+                         f'an .npz split or torchvision\'s CIFAR / MNIST: use --loader workers for this dataset')
+    images = torch.as_tensor(np.asarray(images))
+    if images.ndim == 3:  # [N, H, W] grayscale
+        images = images[..., None]
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if indices is not None:
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        images, labels = images[index], labels[index]
+    return images.permute(0, 3, 1, 2).contiguous(), labels
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, hflip: float) -> torch.Tensor:
+    """``T.RandomCrop(padding=padding)`` (zero fill) and ``T.RandomHorizontalFlip(hflip)``, drawn per image."""
+    B, C, H, W = x.shape
+    if padding > 0:
+        x = F.pad(x, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (B, 1, 1, 1), device=x.device)
+        dx = torch.randint(0, 2 * padding + 1, (B, 1, 1, 1), device=x.device)
+        rows = dy + torch.arange(H, device=x.device).view(1, 1, H, 1)
+        cols = dx + torch.arange(W, device=x.device).view(1, 1, 1, W)
+        x = x[torch.arange(B, device=x.device).view(B, 1, 1, 1), torch.arange(C, device=x.device).view(1, C, 1, 1),
+              rows, cols]
+    if hflip > 0:
+        flip = torch.rand(B, 1, 1, 1, device=x.device) < hflip
+        x = torch.where(flip, x.flip(3), x)
+    return x
+
+
+def random_affine_jitter(x: torch.Tensor, degrees: float, translate: float, scale: Tuple[float, float],
+                         brightness: float, contrast: float) -> torch.Tensor:
+    """The MNIST augmentations of :func:`build_transforms` (rotation, translation and scale, brightness and
+    contrast jitter), drawn per image and applied to the whole batch at once; ``x`` is float in [0, 255]."""
+    B, device = x.shape[0], x.device
+    angle = torch.empty(B, device=device).uniform_(-degrees, degrees).deg2rad()
+    zoom = torch.empty(B, device=device).uniform_(*scale)
+    shift = torch.empty(B, 2, device=device).uniform_(-2 * translate, 2 * translate)  # in [-1, 1] units
+    cos, sin = angle.cos() / zoom, angle.sin() / zoom
+    rot = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # output -> input
+    theta = torch.cat([rot, -(rot @ shift[:, :, None])], dim=2)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode='nearest', padding_mode='zeros', align_corners=False)
+    x = x * torch.empty(B, 1, 1, 1, device=device).uniform_(1 - brightness, 1 + brightness)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    c = torch.empty(B, 1, 1, 1, device=device).uniform_(1 - contrast, 1 + contrast)
+    return ((x - mean) * c + mean).clamp_(0, 255)
+
+
+def _device_policy(aa: Optional[str]) -> Optional[Callable]:
+    """A torchvision v2 AutoAugment / RandAugment that works on uint8 batches on any device."""
+    if not aa or aa == 'none':
+        return None
+    from torchvision.transforms import v2
+    policies = {p.value: p for p in v2.AutoAugmentPolicy}
+    if aa in policies:
+        return v2.AutoAugment(policies[aa])
+    if aa == 'randaugment':
+        return v2.RandAugment()
+    raise ValueError(f'--aa {aa!r} has no batched version for --loader device: use one of '
+                     f'{sorted(policies) + ["randaugment"]}, or --loader workers for timm\'s "rand-..." policies')
+
+
+class DeviceLoader:
+    """A whole split held on the training device as one uint8 tensor and augmented there, a batch at a time.
+
+    The augmentations of :func:`build_transforms` without worker processes or per-image Python, which is what
+    keeps a GPU busy on 32x32 data (and spares the cores of a small CPU): crop with padding and flip (RGB
+    data) or rotation, translation, scale and jitter (``mnist``) are drawn per image; the AutoAugment /
+    RandAugment policy (``aa``) is drawn once per group of ``aug_group`` images. Randomness comes from torch's
+    global generators, so seeding them at an epoch start fixes that epoch. Yields normalised float batches.
+    """
+
+    def __init__(
+            self,
+            dataset,
+            batch_size: int,
+            mean: Sequence[float],
+            std: Sequence[float],
+            img_size: int,
+            device: torch.device,
+            *,
+            kind: str = 'cifar10',
+            train: bool = False,
+            aa: Optional[str] = None,
+            aug_group: int = 32,
+            crop_padding: int = 4,
+            hflip: float = 0.5,
+            rank: int = 0,
+            world_size: int = 1,
+    ):
+        images, self.labels = dataset_tensors(dataset)
+        images = images.to(device)
+        if tuple(images.shape[-2:]) != (img_size, img_size):  # T.Resize(img_size), bilinear
+            from torchvision.transforms.v2 import functional as TF
+            images = TF.resize(images, [img_size, img_size], antialias=True)
+        self.images, self.labels = images, self.labels.to(device)
+        self.batch_size, self.device, self.kind, self.train = batch_size, device, kind, train
+        self.policy = _device_policy(aa) if train else None
+        self.aug_group, self.crop_padding, self.hflip = aug_group, crop_padding, hflip
+        self.rank, self.world_size = rank, world_size
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+
+    def __len__(self) -> int:
+        n = len(self.labels) // self.world_size
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 batch in, float batch in [0, 255] out."""
+        if self.kind == 'mnist':
+            x = random_crop_flip(x, padding=2, hflip=0)
+            x = random_affine_jitter(x.float(), degrees=10, translate=0.1, scale=(0.9, 1.1), brightness=0.2,
+                                     contrast=0.2)
+        else:
+            x = random_crop_flip(x, self.crop_padding, self.hflip)
+        if self.policy is not None:
+            x = x.round().clamp(0, 255).to(torch.uint8) if x.is_floating_point() else x
+            x = torch.cat([self.policy(group) for group in x.split(self.aug_group)])
+        return x.float()
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.train:
+            order = torch.randperm(n, device=self.device)[self.rank::self.world_size]
+        else:
+            order = torch.arange(n, device=self.device)[self.rank::self.world_size]
+        for i in range(len(self)):
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[index]
+            x = self.augment(x) if self.train else x.float()
+            yield (x - self.mean) / self.std, self.labels[index]

@@ -33,8 +33,10 @@ def classification_metrics(confusion: torch.Tensor, top1_correct: int, top5_corr
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device = torch.device('cpu'),
-             amp_dtype: Optional[torch.dtype] = None, progress: bool = False) -> Dict[str, float]:
-    """Evaluate ``model`` in eval mode on ``loader``; returns :func:`classification_metrics`."""
+             amp_dtype: Optional[torch.dtype] = None, progress: bool = False, flip_tta: bool = False) -> Dict[str, float]:
+    """Evaluate ``model`` in eval mode on ``loader``; returns :func:`classification_metrics`.
+
+    ``flip_tta``: test-time augmentation, the mean of the logits of each image and its horizontal mirror."""
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -47,6 +49,8 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
+            if flip_tta:
+                logits = (logits + model(images.flip(3))) / 2
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, targets, reduction='sum').item()
         k = min(5, num_classes)
@@ -148,8 +152,12 @@ def load_for_eval(spec: str, device: torch.device = torch.device('cpu')):
 
 
 def run_eval(specs: Sequence[str], dataset: str, data_dir: str, batch_size: int = 256, workers: int = 2,
-             device: str = '', json_path: Optional[str] = None, throughput_batch: int = 128) -> List[Dict]:
-    """Evaluate every model on the test split; print the paper-style table; optionally write JSON."""
+             device: str = '', json_path: Optional[str] = None, throughput_batch: int = 128,
+             flip_tta: bool = False) -> List[Dict]:
+    """Evaluate every model on the test split; print the paper-style table; optionally write JSON.
+
+    ``flip_tta``: also measure top-1 / top-5 with horizontal-flip test-time augmentation (``top1_tta``,
+    ``top5_tta``), reported beside the single-view numbers, never instead of them."""
     from torch.utils.data import DataLoader
     from .data import build_dataset
 
@@ -161,11 +169,18 @@ def run_eval(specs: Sequence[str], dataset: str, data_dir: str, batch_size: int 
         loader = DataLoader(test_set, batch_size=batch_size, shuffle=False, num_workers=workers)
         row = dict(model=meta['name'], spec=spec, dataset=dataset)
         row.update(evaluate(model, loader, meta['num_classes'], dev))
+        if flip_tta:
+            tta = evaluate(model, loader, meta['num_classes'], dev, flip_tta=True)
+            row.update(top1_tta=tta['top1'], top5_tta=tta['top5'])
         row.update(params_m=count_params(model) / 1e6, gmacs=gmacs_per_image(model, meta['input_size']),
                    img_s=images_per_second(model, meta['input_size'], batch_size=throughput_batch),
                    device=str(dev))
         rows.append(row)
     print(format_table(rows))
+    for row in rows:
+        if 'top1_tta' in row:
+            print(f"{row['model']}: with flip test-time augmentation top-1 {row['top1_tta']:.2f}, "
+                  f"top-5 {row['top5_tta']:.2f} (single view above)")
     if json_path:
         write_json(json_path, rows)
     return rows

@@ -48,14 +48,24 @@ def export_checkpoint(checkpoint: str, output_root: str, tag: str, metrics: Opti
     return folder
 
 
-def _history_table(history: List[Dict]) -> str:
-    lines = ['| epoch | wall time (min, cumulative) | train loss | val top-1 (%) | val top-5 (%) |',
-             '|---|---|---|---|---|']
-    elapsed = 0.0
+def _history_table(history: List[Dict], max_rows: int = 30) -> str:
+    """Validation accuracy against cumulative training time: the evaluated epochs, thinned to about
+    ``max_rows`` (the last one always kept)."""
+    ema = any('val_ema_top1' in h for h in history)
+    lines = ['| epoch | wall time (min, cumulative) | train loss | val top-1 (%) | val top-5 (%) |'
+             + (' val top-1, EMA (%) |' if ema else ''), '|---|---|---|---|---|' + ('---|' if ema else '')]
+    elapsed, rows = 0.0, []
     for h in history:
         elapsed += h.get('epoch_time_s', 0.0)
+        if 'val_top1' in h or h is history[-1]:
+            rows.append((h, elapsed))
+    stride = max(1, -(-len(rows) // max_rows))
+    for i, (h, elapsed) in enumerate(rows):
+        if i % stride and i != len(rows) - 1:
+            continue
         lines.append(f"| {h['epoch']} | {elapsed / 60:.1f} | {h['train_loss']:.4f} | "
-                     f"{h.get('val_top1', float('nan')):.2f} | {h.get('val_top5', float('nan')):.2f} |")
+                     f"{h.get('val_top1', float('nan')):.2f} | {h.get('val_top5', float('nan')):.2f} |"
+                     + (f" {h.get('val_ema_top1', float('nan')):.2f} |" if ema else ''))
     return '\n'.join(lines)
 
 

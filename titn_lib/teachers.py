@@ -5,7 +5,7 @@ networks follow the CIFAR-10 speed-record design of Keller Jordan's airbench (co
 conv -> max-pool -> batch-norm -> GELU -> conv -> batch-norm -> GELU, a scaled linear head): close to VGG16_bn's
 accuracy at about 1/3 of its parameters and 1/3 of its FLOPs per image, which matters on a CPU budget.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -76,7 +76,8 @@ class AirCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(variant_tag: str, dataset: str) -> dict:
+def _cfg(variant_tag: Optional[str], dataset: str) -> dict:
+    """A 32x32 config; ``variant_tag`` names the published weights on the Hub (``None``: untrained)."""
     stats = {
         'cifar10': dict(mean=CIFAR10_MEAN, std=CIFAR10_STD, num_classes=10, label_names=CIFAR10_LABELS,
                         input_size=(3, 32, 32), interpolation='bicubic'),
@@ -84,12 +85,13 @@ def _cfg(variant_tag: str, dataset: str) -> dict:
                       input_size=(1, 32, 32), interpolation='bilinear'),
     }[dataset]
     return dict(
-        hf_hub_id=f'{HUB_NAMESPACE}/{variant_tag}', pool_size=None, crop_pct=1.0, crop_mode='center',
+        hf_hub_id=f'{HUB_NAMESPACE}/{variant_tag}' if variant_tag else None, pool_size=None, crop_pct=1.0, crop_mode='center',
         first_conv='stem.0', classifier='head', license='apache-2.0', **stats)
 
 
 default_cfgs = generate_default_cfgs({
-    'aircnn_32.cifar10': _cfg('aircnn_32.cifar10', 'cifar10'),
+    'aircnn_32.untrained': _cfg(None, 'cifar10'),
+    'aircnn_wide_32.cifar10': _cfg('aircnn_wide_32.cifar10', 'cifar10'),
     'aircnn_small_32.mnist': _cfg('aircnn_small_32.mnist', 'mnist'),
 })
 
@@ -98,6 +100,13 @@ default_cfgs = generate_default_cfgs({
 def aircnn_32(pretrained: bool = False, **kwargs) -> AirCNN:
     """airbench94-sized teacher (widths 64/256/256, about 2M parameters)."""
     return build_model_with_cfg(AirCNN, 'aircnn_32', pretrained, **dict(dict(widths=(64, 256, 256)), **kwargs))
+
+
+@register_model
+def aircnn_wide_32(pretrained: bool = False, **kwargs) -> AirCNN:
+    """airbench95's widths (128/384/384, about 4.6M parameters, 0.31 GMACs per image)."""
+    return build_model_with_cfg(
+        AirCNN, 'aircnn_wide_32', pretrained, **dict(dict(widths=(128, 384, 384), stem_width=32), **kwargs))
 
 
 @register_model
