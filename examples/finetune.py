@@ -10,6 +10,7 @@ channel count (timm adapts ``pixel_embed.proj``) and another image size (``patch
 """
 import argparse
 import json
+import os
 import time
 
 import timm
@@ -56,7 +57,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--weights', default='titn_tiny_patch8_32.cifar10')
     p.add_argument('--dataset', default='mnist')
-    p.add_argument('--data-dir', default='../shared/data')
+    shared = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'data')
+    p.add_argument('--data-dir', default=shared if os.path.isdir(shared) else 'data')
     p.add_argument('--num-images', type=int, default=5000)
     p.add_argument('--test-images', type=int, default=2000)
     p.add_argument('--classes', type=int, default=5, help='keep the first N classes (a new class count)')

@@ -36,10 +36,20 @@ def make_npz_split(path, n, num_classes=3, size=32, channels=3, seed=0):
     np.savez_compressed(path, images=images, labels=labels.astype(np.int64))
 
 
+def _npz_folder(factory, name: str, n_train: int):
+    root = factory.mktemp(name)
+    make_npz_split(root / 'train.npz', n_train, seed=0)
+    make_npz_split(root / 'test.npz', 60, seed=1)
+    return root
+
+
 @pytest.fixture(scope='session')
 def tiny_npz(tmp_path_factory):
     """A 3-class ``.npz`` dataset folder (train 120, test 60), 32x32 RGB."""
-    root = tmp_path_factory.mktemp('tiny_npz')
-    make_npz_split(root / 'train.npz', 120, seed=0)
-    make_npz_split(root / 'test.npz', 60, seed=1)
-    return root
+    return _npz_folder(tmp_path_factory, 'tiny_npz', 120)
+
+
+@pytest.fixture(scope='session')
+def learnable_npz(tmp_path_factory):
+    """The same task with enough images (train 600, test 60) for a short run to learn it."""
+    return _npz_folder(tmp_path_factory, 'learnable_npz', 600)

@@ -81,7 +81,7 @@ def run_with_hub(hub, code, hf_home, offline=False):
 def load_error(hub, hf_home, create_call, offline=False):
     """Run ``create_call`` in a fresh process against the loopback Hub; return the PretrainedWeightsError text."""
     code = f'''
-        from titn_lib.titn import PretrainedWeightsError
+        from titn_lib.hub import PretrainedWeightsError
         try:
             {create_call}
         except PretrainedWeightsError as e:
@@ -122,7 +122,7 @@ def test_pretrained_download_cache_and_offline(hub, tmp_path):
                if method == 'GET' and path.endswith(f'{ARCH}.mnist/resolve/main/model.safetensors'))
     assert gets == 1
     second = run_with_hub(hub, code, tmp_path / 'hf')  # from the cache: no second download
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0 and 'OK' in second.stdout, second.stderr[-3000:]
     gets_after = sum(n for (method, path), n in hub['requests'].items()
                      if method == 'GET' and path.endswith(f'{ARCH}.mnist/resolve/main/model.safetensors'))
     assert gets_after == 1
@@ -143,16 +143,25 @@ def test_hf_hub_and_local_dir_names_read_config(hub, tmp_path):
     assert result.returncode == 0 and 'OK' in result.stdout, result.stderr[-3000:]
 
 
+def hub_id(name):
+    """Point a tag without published weights at the loopback repo of that name."""
+    return f', pretrained_cfg_overlay=dict(hf_hub_id="titn-lib/{name}")'
+
+
 @pytest.mark.parametrize('name,kwargs,expected', [
-    ('titn_tiny_patch16_32.cifar100', '', 'titn-lib/titn_tiny_patch16_32.cifar100'),  # no such repo
-    (f'{ARCH}.cifar100', ', depth=2', 'truncated or corrupt'),
+    ('titn_tiny_patch16_32.cifar100', hub_id('no-such-repo'), 'titn-lib/no-such-repo'),  # no such repo
+    (f'{ARCH}.cifar100', ', depth=2' + hub_id(f'{ARCH}.cifar100'), 'truncated or corrupt'),
     (f'{ARCH}.cifar10', ', depth=2', 'another architecture or class count'),
-    ('titn_tiny_patch16_32.cifar10', ', depth=2', 'another architecture or class count'),
+    ('titn_tiny_patch16_32.cifar10', ', depth=2' + hub_id('titn_tiny_patch16_32.cifar10'),
+     'another architecture or class count'),
+    ('titn_tiny_patch16_32.cifar10', '', 'no weights are published for titn_tiny_patch16_32'),
 ])
 def test_clear_errors(hub, tmp_path, name, kwargs, expected):
     out = load_error(hub, tmp_path / 'hf', f'timm.create_model("{name}", pretrained=True{kwargs})')
     assert expected in out
     assert name.split('.')[0] in out or 'titn-lib/' in out
+    if 'no weights are published' in out:  # it names the tags that exist, and only those
+        assert out.count('titn_tiny_patch8_32.') == len(timm.list_pretrained('titn_*'))
 
 
 def test_missing_weights_file_error_names_repo(hub, tmp_path):
@@ -163,7 +172,8 @@ def test_missing_weights_file_error_names_repo(hub, tmp_path):
 def test_pickle_only_repo_is_refused_not_executed(hub, tmp_path):
     """timm falls back to pytorch_model.bin when a repo has no model.safetensors; it is loaded with
     weights_only=True, so a malicious pickle is refused and never executed."""
-    out = load_error(hub, tmp_path / 'hf', 'timm.create_model("titn_tiny_patch16_32.mnist", pretrained=True)')
+    out = load_error(hub, tmp_path / 'hf', 'timm.create_model("titn_tiny_patch16_32.mnist", pretrained=True'
+                     + hub_id('titn_tiny_patch16_32.mnist') + ')')
     assert 'titn-lib/titn_tiny_patch16_32.mnist' in out and 'weights_only=True' in out
     assert not (hub['work'] / 'PWNED').exists()
 
@@ -172,6 +182,8 @@ def test_offline_without_cache_is_clear(hub, tmp_path):
     out = load_error(hub, tmp_path / 'empty_home', f'timm.create_model("{ARCH}.mnist", pretrained=True, depth=2)',
                      offline=True)
     assert 'download it once while online' in out
+    if f'{ARCH}.mnist' in SHIPPED_FOLDERS:  # the copy in this checkout is named
+        assert f'local-dir:{os.path.join(SHIPPED_WEIGHTS, ARCH + ".mnist")}' in out
 
 
 @pytest.mark.skipif(not SHIPPED_FOLDERS, reason='no weights/ folders in this checkout')
@@ -205,3 +217,17 @@ def test_model_card_history_is_thinned_to_the_evaluated_epochs():
     rows = _history_table(history, max_rows=30).splitlines()[2:]
     assert len(rows) <= 31 and rows[-1].startswith('| 300 | 300.0 |') and rows[0].startswith('| 5 | 5.0 |')
     assert rows[-1].endswith('| 300.00 | 99.00 | 300.50 |')
+
+
+def test_config_naming_another_architecture_is_refused(tmp_path):
+    """A config.json saying patch 16 over patch-8 weights used to load (patch_pos resampled) and score 33%."""
+    from timm.models import save_for_hf
+    save_for_hf(timm.create_model(f'{ARCH}.cifar10', depth=1), str(tmp_path), safe_serialization=True)
+    config = json.loads((tmp_path / 'config.json').read_text())
+    config['architecture'] = 'titn_tiny_patch16_32'
+    (tmp_path / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(ValueError, match='another patch size'):
+        timm.create_model(f'local-dir:{tmp_path}', pretrained=True, depth=1)
+    resized = timm.create_model(f'{ARCH}.cifar10', pretrained=True, depth=1, img_size=48,  # a deliberate new size
+                                pretrained_cfg_overlay=dict(file=str(tmp_path / 'model.safetensors'), hf_hub_id=None))
+    assert resized.patch_pos.shape == (1, 2 + 36, 192)

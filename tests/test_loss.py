@@ -171,12 +171,60 @@ def test_three_step_training_loop(student_name, kwargs):
     losses = []
     for _ in range(3):
         x, y = mixup(images.clone(), labels.clone())
-        loss = criterion(x, student(x), y)
+        outputs = student(x)
+        loss = criterion(x, outputs, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
-    assert criterion.last_parts['distill'] > 0
+    with torch.no_grad():  # the last step's distillation term, by hand: CE against the teacher's argmax
+        expected = F.cross_entropy(outputs[1], teacher.eval()(x).argmax(1))
+    assert criterion.last_parts['distill'].item() == pytest.approx(expected.item(), rel=1e-5)
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, teacher_before[k]), k
+
+
+def test_injected_base_criterion_as_deit():
+    """DeiT's contract: base_criterion(cls_logits, targets) replaces the built-in base term."""
+    seen = []
+
+    def base(logits, targets):
+        seen.append((logits, targets))
+        return logits.sum() * 0 + 7.0
+
+    loss = TITNDistillLoss(alpha=0.25, base_criterion=base)
+    value = loss(INPUTS, (CLS, DIST), TARGETS, teacher_logits=TEACHER)
+    expected = 0.75 * 7.0 + 0.25 * (ce(DIST[0], 1) + ce(DIST[1], 2)) / 2
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(seen[0][0], CLS) and torch.equal(seen[0][1], TARGETS)
+    with pytest.raises(ValueError, match='set the smoothing on it'):
+        TITNDistillLoss(base_criterion=base, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize('kwargs,match', [(dict(tau=float('nan')), 'tau'), (dict(tau=0.0), 'tau'),
+                                          (dict(alpha=float('nan')), 'alpha'),
+                                          (dict(label_smoothing=-0.1), 'label_smoothing'),
+                                          (dict(label_smoothing=1.0), 'label_smoothing')])
+def test_invalid_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TITNDistillLoss(**kwargs)
+
+
+def test_integer_and_boolean_targets():
+    reference = TITNDistillLoss()(INPUTS, (CLS, DIST), TARGETS, teacher_logits=TEACHER)
+    for dtype in (torch.int32, torch.uint8, torch.int16):
+        value = TITNDistillLoss()(INPUTS, (CLS, DIST), TARGETS.to(dtype), teacher_logits=TEACHER)
+        assert value.item() == pytest.approx(reference.item())
+    with pytest.raises(ValueError, match='booleans'):
+        TITNDistillLoss()(INPUTS, (CLS, DIST), TARGETS.bool(), teacher_logits=TEACHER)
+
+
+def test_teacher_of_another_dtype_is_fed_its_dtype():
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).to(torch.bfloat16)
+    loss = TITNDistillLoss(teacher)
+    x = torch.randn(2, 3, 4, 4)
+    logits = loss.predict_teacher(x)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, teacher(x.bfloat16()).float())
+    assert torch.isfinite(loss(x, (CLS, DIST), TARGETS))

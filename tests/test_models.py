@@ -5,7 +5,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from titn_lib import TITN
+from conftest import SHIPPED_FOLDERS, SHIPPED_WEIGHTS
 from titn_lib.titn import default_cfgs
 
 TINY = ['titn_tiny_patch8_32', 'titn_tiny_patch16_32']
@@ -57,8 +57,8 @@ def test_default_cfgs(cfg_name):
     assert model.in_chans == cfg['input_size'][0]
     assert tuple(model.pixel_embed.img_size) == tuple(cfg['input_size'][1:])
     assert len(cfg['mean']) == len(cfg['std']) == cfg['input_size'][0]
-    if tag:
-        assert cfg['hf_hub_id'] == f'titn-lib/{cfg_name}'
+    if tag:  # a Hub id only where weights are published
+        assert cfg['hf_hub_id'] == (f'titn-lib/{cfg_name}' if cfg_name in SHIPPED_FOLDERS else None)
         assert cfg['num_classes'] == {'cifar10': 10, 'cifar100': 100, 'mnist': 10}[tag]
         assert cfg['license'] and cfg['paper_name']
         assert len(cfg['label_names']) == cfg['num_classes']
@@ -343,5 +343,144 @@ def test_timm_token_distillation_task_trains_titn():
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_titn_class_is_exported():
-    assert isinstance(small(), TITN)
+def test_list_pretrained_names_exactly_the_published_weights():
+    assert sorted(timm.list_pretrained('titn_*') + timm.list_pretrained('aircnn_*')) == SHIPPED_FOLDERS
+
+
+def test_public_blocks_compose():
+    """The building blocks users import work on their own, in the shapes their docstrings give."""
+    from titn_lib import DistillationHead, InnerBlock, OuterBlock, PixelEmbed
+    embed = PixelEmbed(img_size=16, patch_size=8, pixel_size=2, in_chans=3, inner_dim=12)
+    pixels = InnerBlock(12, num_heads=2)(embed(torch.randn(2, 3, 16, 16)))
+    assert pixels.shape == (2 * 4, 16, 12)
+    patches = torch.randn(2, 2 + 4, 48)
+    out = OuterBlock(48, num_heads=3, num_pixel=16, inner_dim=12)(patches, pixels)
+    assert out.shape == patches.shape and not torch.equal(out, patches)
+    head = DistillationHead(48, num_classes=5).train()
+    torch.testing.assert_close(head(out), sum(head.head(out[:, i]) if i == 0 else head.head_dist(out[:, i])
+                                              for i in (0, 1)) / 2)
+    head.set_distilled_training(True)
+    cls_logits, dist_logits = head(out)
+    torch.testing.assert_close(dist_logits, head.head_dist(out[:, 1]))
+
+
+@pytest.mark.parametrize('name', ['titn_tiny_patch8_32', 'aircnn_wide_32', 'aircnn_small_32'])
+def test_device_and_dtype_keywords(name):
+    meta = timm.create_model(name, device='meta')
+    assert {p.device.type for p in meta.parameters()} == {'meta'}
+    half = timm.create_model(name, dtype=torch.bfloat16, num_classes=10)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    half.reset_classifier(4)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+def test_torch_fx_tracing_and_feature_extraction():
+    from timm.models import create_feature_extractor as timm_extractor
+    from torchvision.models.feature_extraction import create_feature_extractor as tv_extractor
+    model = small(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    traced = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(traced(x), model(x))
+    with pytest.raises(ValueError, match='expected an image batch'):  # the check survives tracing
+        traced(torch.randn(2, 3, 16, 16))
+    for extractor in (timm_extractor, tv_extractor):
+        features = extractor(model, return_nodes={'blocks.1': 'block', 'norm': 'norm'})(x)
+        torch.testing.assert_close(features['norm'], model.forward_features(x))
+    train = timm_extractor(small(num_classes=10).train(), return_nodes={'norm': 'norm'})
+    train(x)['norm'].sum().backward()
+    assert all(p.grad is not None for p in train.parameters() if p.requires_grad and p.ndim > 1)
+
+
+def test_fused_attention_follows_timm_switch():
+    from timm.layers import set_fused_attn
+    reference = small(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    try:
+        set_fused_attn(False)
+        explicit = small(num_classes=10).eval()
+    finally:
+        set_fused_attn(True)
+    assert not explicit.blocks[0].inner.attn.fused_attn and reference.blocks[0].outer.attn.fused_attn
+    explicit.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(explicit(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_features_out_as_deit_and_empty_batch():
+    model = timm.create_model('titn_tiny_patch8_32', num_classes=0, global_pool='', depth=1)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 192)
+    model.reset_classifier(0, '')
+    model.reset_classifier(5, 'token')
+    assert model(torch.randn(0, 3, 32, 32)).shape == (0, 5)  # an empty batch, as timm's ViT
+    with pytest.raises(ValueError, match='global_pool'):
+        model.reset_classifier(5, 'avg')
+
+
+@pytest.mark.parametrize('kwargs,match', [(dict(num_classes=-1), 'num_classes'), (dict(patch_size=0), 'positive'),
+                                          (dict(pixel_size=0), 'positive')])
+def test_invalid_sizes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model('titn_tiny_patch8_32', depth=1, **kwargs)
+
+
+def test_pixel_grid_change_is_refused():
+    from titn_lib import checkpoint_filter_fn
+    trained = small(num_classes=3)  # patch 8, pixel 2: a 4x4 pixel grid
+    other = small(num_classes=3, pixel_size=4)  # a 2x2 pixel grid
+    with pytest.raises(ValueError, match='pixel grid'):
+        checkpoint_filter_fn(trained.state_dict(), other)
+
+
+def test_one_loader_for_every_checkpoint_kind(tmp_path):
+    """DDP / torch.compile prefixes in either order, timm-style ``state_dict`` and ``titn train`` ``model`` entries
+    and safetensors all load through load_model_state, for TITN and for any other model."""
+    from safetensors.torch import save_file
+    from titn_lib.modeling import load_model_state
+    for name in ('titn_tiny_patch8_32', 'aircnn_small_32'):
+        source = timm.create_model(name, num_classes=3, in_chans=3, **(dict(depth=1) if 'titn' in name else {}))
+        state = source.state_dict()
+        kinds = {
+            'compiled_ddp.pth': {'state_dict': {f'_orig_mod.module.{k}': v for k, v in state.items()}},
+            'ddp_compiled.pth': {'model': {f'module._orig_mod.{k}': v for k, v in state.items()}, 'epoch': 1},
+            'plain.safetensors': state,
+        }
+        for file, content in kinds.items():
+            path = str(tmp_path / f'{name}_{file}')
+            save_file(content, path) if file.endswith('.safetensors') else torch.save(content, path)
+            target = timm.create_model(name, num_classes=3, in_chans=3, **(dict(depth=1) if 'titn' in name else {}))
+            load_model_state(target, path)
+            for k, v in state.items():
+                assert torch.equal(target.state_dict()[k], v), (name, file, k)
+
+
+def test_forward_intermediates_values():
+    model = small(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    # by hand: the patch tokens after each block, normalised, without the two prefix rows
+    pixels, patches = model._embed(x)
+    by_hand = []
+    for blk in model.blocks:
+        pixels, patches = blk(pixels, patches)
+        by_hand.append(model.norm(patches)[:, 2:])
+    inter = model.forward_intermediates(x, norm=True, output_fmt='NLC', intermediates_only=True)
+    for got, expected in zip(inter, by_hand):
+        torch.testing.assert_close(got, expected)
+    early = model.forward_intermediates(x, indices=[0], norm=True, stop_early=True, output_fmt='NLC')
+    torch.testing.assert_close(early[1][0], by_hand[0])
+    torch.testing.assert_close(early[0], model.norm(model.blocks[0](*model._embed(x))[1]))  # stopped after block 0
+
+
+def test_timm_token_distillation_task_builds_the_teacher_by_name(tmp_path):
+    """timm's KD path (train.py --kd-model-name ... --kd-distill-type token): the teacher built by name, with the
+    device/dtype keywords timm passes, from a weights file."""
+    from safetensors.torch import save_file
+    from timm.task import TokenDistillationTask
+    trained = timm.create_model('aircnn_small_32', num_classes=10, in_chans=3)
+    save_file(trained.state_dict(), str(tmp_path / 'teacher.safetensors'))
+    task = TokenDistillationTask(small(num_classes=10), 'aircnn_small_32',
+                                 teacher_pretrained_path=str(tmp_path / 'teacher.safetensors'),
+                                 distill_type='hard', device=torch.device('cpu'), dtype=torch.float32, verbose=False)
+    teacher = task.teacher.model
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in trained.state_dict().items())
+    task.train()
+    result = task(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert result['loss'].requires_grad and torch.isfinite(result['distill_loss'])

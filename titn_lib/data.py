@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from .titn import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, MNIST_MEAN, MNIST_STD
+from .constants import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, MNIST_MEAN, MNIST_STD
 
 __all__ = ['DatasetInfo', 'DATASETS', 'NpzDataset', 'build_dataset', 'train_val_indices', 'build_transforms',
            'build_mixup', 'dataset_tensors', 'DeviceLoader']
@@ -52,6 +52,10 @@ class NpzDataset(Dataset):
         except (KeyError, ValueError, OSError, EOFError) as e:
             raise ValueError(f'{path} is not a readable .npz with "images" (uint8 [N,H,W(,C)]) and "labels" '
                              f'([N]) arrays: {e}') from e
+        if self.labels.ndim == 2 and self.labels.shape[1] == 1:  # [N, 1], as some exporters write them
+            self.labels = self.labels[:, 0]
+        if self.labels.ndim != 1:
+            raise ValueError(f'{path}: expected labels [N] (class indices), got shape {list(self.labels.shape)}')
         if self.images.dtype != np.uint8 or self.images.ndim not in (3, 4) or len(self.images) != len(self.labels):
             raise ValueError(f'{path}: expected uint8 images [N,H,W(,C)] and N labels, got images '
                              f'{self.images.dtype}{list(self.images.shape)} and {len(self.labels)} labels')
@@ -64,6 +68,34 @@ class NpzDataset(Dataset):
     def __getitem__(self, index: int):
         img = Image.fromarray(self.images[index])
         return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def npz_channels(root: str, split: str = 'train') -> int:
+    """The channel count of ``root/<split>.npz`` (1 for ``[N, H, W]`` images), read from the array header only."""
+    import zipfile
+    path = os.path.join(root, f'{split}.npz')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no {split}.npz in {root}: expected a file with arrays "images" and "labels"')
+    try:
+        with zipfile.ZipFile(path) as z, z.open('images.npy') as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape = read_header(f)[0]
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as e:
+        raise ValueError(f'{path} is not a readable .npz with an "images" array: {e}') from e
+    if len(shape) not in (3, 4):
+        raise ValueError(f'{path}: images must be [N, H, W] or [N, H, W, C], got shape {list(shape)}')
+    return 1 if len(shape) == 3 else shape[3]
+
+
+def default_stats(in_chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """ImageNet's mean and std for RGB data; their channel averages for other channel counts (as timm)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if in_chans == 3:
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    mean, std = sum(IMAGENET_DEFAULT_MEAN) / 3, sum(IMAGENET_DEFAULT_STD) / 3
+    return (mean,) * in_chans, (std,) * in_chans
 
 
 def build_dataset(name: str, root: str, split: str, transform: Optional[Callable] = None, download: bool = False):

@@ -125,49 +125,76 @@ def write_json(path: str, payload) -> None:
 
 def load_for_eval(spec: str, device: torch.device = torch.device('cpu')):
     """``(model, transform, meta)`` for a checkpoint written by ``titn train`` or a timm name
-    (``hf-hub:``/``local-dir:`` included, loaded with its pretrained weights)."""
+    (``hf-hub:``/``local-dir:`` included, loaded with its pretrained weights). ``meta['dataset']``: the data it
+    was trained on, where it is recorded (a checkpoint's ``dataset``, a pretrained tag)."""
     import os
     import timm
     from timm.data import create_transform, resolve_data_config
-    from .data import build_transforms
-    from .modeling import create_model
+    from .data import DATASETS, build_transforms
+    from .modeling import model_from_checkpoint
 
     if os.path.isfile(spec):
-        state = torch.load(spec, map_location='cpu', weights_only=True)
-        if not isinstance(state, dict) or 'arch' not in state:
-            raise ValueError(f'{spec} is not a checkpoint written by titn train (no "arch" entry)')
-        model = create_model(state['arch'], num_classes=state['num_classes'], in_chans=state['in_chans'],
-                             img_size=state['img_size'], **state.get('model_kwargs', {}))
-        model.load_state_dict(state['model'])
+        if spec.endswith('.safetensors'):
+            raise ValueError(f'{spec} holds weights without their architecture: pass local-dir:'
+                             f'{os.path.dirname(spec) or "."} (its Hub folder, with config.json) or a titn train .pth')
+        model, state = model_from_checkpoint(spec)
         transform = build_transforms(state['dataset'], state['img_size'], state['mean'], state['std'], False)
         meta = dict(name=f'{state["arch"]} ({os.path.basename(os.path.dirname(os.path.abspath(spec)))})',
                     num_classes=state['num_classes'], input_size=(state['in_chans'], state['img_size'],
-                                                                  state['img_size']))
+                                                                  state['img_size']), dataset=state['dataset'])
+    elif spec.endswith(('.pth', '.pt', '.safetensors')) or os.sep in spec and not spec.startswith(
+            ('hf-hub:', 'local-dir:')):
+        raise FileNotFoundError(f'{spec} does not exist: pass a titn train checkpoint (.pth) that exists, or a timm '
+                                f'name (hf-hub:<repo>, local-dir:<folder>)')
     else:
         model = timm.create_model(spec, pretrained=True)
         config = resolve_data_config({}, model=model)
         transform = create_transform(**config)
-        meta = dict(name=spec, num_classes=model.num_classes, input_size=config['input_size'])
+        tag = model.pretrained_cfg.get('tag')
+        meta = dict(name=spec, num_classes=model.num_classes, input_size=config['input_size'],
+                    dataset=tag if tag in DATASETS else None)
     return model.to(device).eval(), transform, meta
 
 
-def run_eval(specs: Sequence[str], dataset: str, data_dir: str, batch_size: int = 256, workers: int = 2,
+def _check_fits(meta: Dict, dataset: str) -> None:
+    """A clear error when a model's channels or classes do not match the data it is evaluated on."""
+    from .data import DATASETS
+    info = DATASETS.get(dataset)
+    if info is None:
+        return
+    in_chans = meta['input_size'][0]
+    if in_chans != info.in_chans or meta['num_classes'] != info.num_classes:
+        raise ValueError(f'{meta["name"]} takes {in_chans}-channel images and predicts {meta["num_classes"]} '
+                         f'classes, but {dataset} has {info.in_chans}-channel images and {info.num_classes} classes: '
+                         f'evaluate it on the data it was trained on' +
+                         (f' (--dataset {meta["dataset"]})' if meta.get('dataset') else ''))
+
+
+def run_eval(specs: Sequence[str], dataset: Optional[str], data_dir: str, batch_size: int = 256, workers: int = 2,
              device: str = '', json_path: Optional[str] = None, throughput_batch: int = 128,
-             flip_tta: bool = False) -> List[Dict]:
+             flip_tta: bool = False, limit: Optional[int] = None) -> List[Dict]:
     """Evaluate every model on the test split; print the paper-style table; optionally write JSON.
 
+    ``dataset``: ``None`` evaluates each model on the data it records (a checkpoint's, a pretrained tag's).
     ``flip_tta``: also measure top-1 / top-5 with horizontal-flip test-time augmentation (``top1_tta``,
-    ``top5_tta``), reported beside the single-view numbers, never instead of them."""
-    from torch.utils.data import DataLoader
+    ``top5_tta``), reported beside the single-view numbers, never instead of them. ``limit``: only the first
+    ``limit`` test images (a quick look; reported numbers use the whole split)."""
+    from torch.utils.data import DataLoader, Subset
     from .data import build_dataset
 
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     rows = []
     for spec in specs:
         model, transform, meta = load_for_eval(spec, dev)
-        test_set = build_dataset(dataset, data_dir, 'test', transform)
+        data = dataset or meta.get('dataset')
+        if data is None:
+            raise ValueError(f'{spec} does not record the data it was trained on: add --dataset')
+        _check_fits(meta, data)
+        test_set = build_dataset(data, data_dir, 'test', transform)
+        if limit:
+            test_set = Subset(test_set, range(min(limit, len(test_set))))
         loader = DataLoader(test_set, batch_size=batch_size, shuffle=False, num_workers=workers)
-        row = dict(model=meta['name'], spec=spec, dataset=dataset)
+        row = dict(model=meta['name'], spec=spec, dataset=data)
         row.update(evaluate(model, loader, meta['num_classes'], dev))
         if flip_tta:
             tta = evaluate(model, loader, meta['num_classes'], dev, flip_tta=True)

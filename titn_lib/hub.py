@@ -9,11 +9,71 @@ import shutil
 from typing import Dict, List, Optional
 
 import torch
-from timm.models import save_for_hf
+from safetensors import SafetensorError
+from timm.models import resolve_pretrained_cfg, save_for_hf
 
-from .modeling import create_model
+__all__ = ['export_checkpoint', 'model_card', 'PretrainedWeightsError', 'explain_load_error']
 
-__all__ = ['export_checkpoint', 'model_card']
+# the Hub folders shipped with a source checkout (weights/<arch>.<tag>), for when the Hub cannot be reached
+SHIPPED_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'weights')
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights could not be downloaded or loaded; the message names the source and the fix."""
+
+
+def _weights_source(variant: str, kwargs: dict) -> Optional[str]:
+    """Where ``pretrained=True`` looks for the weights of ``variant``; ``None`` when nothing is registered."""
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if cfg.file:
+        return f'file {cfg.file}'
+    if cfg.hf_hub_id:
+        return f'Hub repo {cfg.hf_hub_id}'
+    return f'url {cfg.url}' if cfg.url else None
+
+
+def _shipped_folder(cfg_source: str) -> Optional[str]:
+    """The ``weights/<arch>.<tag>`` folder of a source checkout that holds the weights of ``Hub repo <id>``."""
+    name = cfg_source.rsplit('/', 1)[-1]
+    folder = os.path.join(SHIPPED_WEIGHTS, name)
+    return folder if cfg_source.startswith('Hub repo') and os.path.isfile(os.path.join(folder, 'model.safetensors')) \
+        else None
+
+
+def explain_load_error(variant: str, kwargs: dict, error: Exception) -> PretrainedWeightsError:
+    """The error a user sees when ``pretrained=True`` fails: the source that was tried and the fix."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    source = _weights_source(variant, kwargs)
+    if source is None:
+        import timm
+        published = timm.list_pretrained(f'{variant}.*') or timm.list_pretrained('titn_*')
+        return PretrainedWeightsError(f'no weights are published for {variant} with this tag: use pretrained=False, '
+                                      f'or one of the published names: {", ".join(published)}')
+    if isinstance(error, RepositoryNotFoundError):
+        fix = 'the repo does not exist (or is private): check the name, or log in with `hf auth login`'
+    elif isinstance(error, LocalEntryNotFoundError):
+        shipped = _shipped_folder(source)
+        fix = ('the file is not in the local cache and the Hub cannot be reached (HF_HUB_OFFLINE is set or the '
+               'network is down): download it once while online' +
+               (f', or load the copy in this checkout: timm.create_model("local-dir:{shipped}", pretrained=True)'
+                if shipped else ''))
+    elif isinstance(error, EntryNotFoundError):
+        fix = 'the repo has no model.safetensors: write one with `titn export` and upload it with `hf upload`'
+    elif isinstance(error, SafetensorError):
+        fix = ('the downloaded model.safetensors is truncated or corrupt: delete it from the Hub cache '
+               '(`hf cache delete`, or the folder under $HF_HOME/hub) and download it again')
+    elif 'weights_only' in str(error):
+        fix = ('the repo holds a pickle checkpoint with more than tensors; it is refused (weights_only=True) and '
+               'was not executed: publish model.safetensors instead')
+    elif isinstance(error, RuntimeError) and 'state_dict' in str(error):
+        fix = ('the checkpoint was saved from another architecture or class count: use the model name it was '
+               'exported for, or pass num_classes= to drop its classifier')
+    else:
+        fix = 'see the error below'
+    return PretrainedWeightsError(
+        f'could not load pretrained weights for {variant} from {source}: {fix}.\n{type(error).__name__}: {error}')
+
 
 CITATION = """@article{titn,
   title = {A Transformer-in-Transformer Network Utilizing Knowledge Distillation for Image Recognition},
@@ -23,14 +83,9 @@ CITATION = """@article{titn,
 def export_checkpoint(checkpoint: str, output_root: str, tag: str, metrics: Optional[Dict] = None,
                       train_command: str = '', notes: str = '') -> str:
     """Write ``<output_root>/<arch>.<tag>/`` from a ``titn train`` checkpoint; returns the folder."""
-    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    if not isinstance(state, dict) or 'arch' not in state:
-        raise ValueError(f'{checkpoint} is not a checkpoint written by titn train (no "arch" entry)')
-    arch = state['arch']
-    name = f'{arch}.{tag}'
-    model = create_model(name, num_classes=state['num_classes'], in_chans=state['in_chans'],
-                         img_size=state['img_size'], **state.get('model_kwargs', {}))
-    model.load_state_dict(state['model'])
+    from .modeling import model_from_checkpoint
+    model, state = model_from_checkpoint(checkpoint, tag)
+    name = f"{state['arch']}.{tag}"
     run_dir = os.path.dirname(os.path.abspath(checkpoint))
     metrics_log = os.path.join(run_dir, 'metrics.jsonl')
     if os.path.isfile(metrics_log):

@@ -33,6 +33,8 @@ class TITNDistillLoss(nn.Module):
         tau: temperature of soft distillation.
         label_smoothing: smoothing of the base cross-entropy for integer targets (mixed targets from timm's
             ``Mixup`` already carry their own smoothing).
+        base_criterion: DeiT's ``base_criterion(cls_logits, targets)``, replacing the built-in base term
+            (cross-entropy for class indices, soft-target cross-entropy for mixed targets).
         soft_reduction: ``'batchmean'`` (KL summed over classes, averaged over the batch) or ``'deit'``
             (DeiT's ``reduction='sum'`` divided by the number of elements, ``batch * classes``).
         student_mean, student_std, teacher_mean, teacher_std: when all four are given, inputs normalised
@@ -40,6 +42,8 @@ class TITNDistillLoss(nn.Module):
         teacher_input_size: ``(H, W)`` the teacher expects; inputs are resized (bilinear) when they differ.
 
     After each call, ``last_parts`` holds the detached ``base``, ``distill`` and ``total`` terms for logging.
+    A teacher on another device or dtype than the inputs gets them moved and cast; its logits come back as float32
+    on the inputs' device.
     """
 
     def __init__(
@@ -55,16 +59,22 @@ class TITNDistillLoss(nn.Module):
             teacher_mean: Optional[Sequence[float]] = None,
             teacher_std: Optional[Sequence[float]] = None,
             teacher_input_size: Optional[Tuple[int, int]] = None,
+            base_criterion: Optional[nn.Module] = None,
     ):
         super().__init__()
         if distillation not in _DISTILLATION_MODES:
             raise ValueError(f'distillation must be one of {_DISTILLATION_MODES}, got {distillation!r}')
         if soft_reduction not in _SOFT_REDUCTIONS:
             raise ValueError(f'soft_reduction must be one of {_SOFT_REDUCTIONS}, got {soft_reduction!r}')
-        if not 0.0 <= alpha <= 1.0:
+        if not 0.0 <= alpha <= 1.0:  # also refuses nan
             raise ValueError(f'alpha weighs the distillation term and must lie in [0, 1], got {alpha}')
-        if tau <= 0:
-            raise ValueError(f'tau must be positive, got {tau}')
+        if not 0 < tau < float('inf'):
+            raise ValueError(f'tau must be a positive, finite temperature, got {tau}')
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f'label_smoothing must lie in [0, 1), got {label_smoothing}')
+        if base_criterion is not None and label_smoothing:
+            raise ValueError('label_smoothing configures the built-in base term: with a base_criterion, set the '
+                             'smoothing on it instead')
         stats = (student_mean, student_std, teacher_mean, teacher_std)
         if any(s is not None for s in stats) and not all(s is not None for s in stats):
             raise ValueError('re-normalisation needs all four of student_mean, student_std, teacher_mean and '
@@ -76,6 +86,7 @@ class TITNDistillLoss(nn.Module):
         self.distillation = distillation
         self.tau = tau
         self.label_smoothing = label_smoothing
+        self.base_criterion = base_criterion
         self.soft_reduction = soft_reduction
         self.teacher_input_size = tuple(teacher_input_size) if teacher_input_size is not None else None
         for name, values in zip(('student_mean', 'student_std', 'teacher_mean', 'teacher_std'), stats):
@@ -92,21 +103,34 @@ class TITNDistillLoss(nn.Module):
         return x
 
     @torch.no_grad()
-    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+    def predict_teacher(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The teacher's float32 logits for the student's ``inputs``."""
         if self.teacher is None:
             raise ValueError('this loss was built without a teacher: pass teacher_logits= to the call, or build '
                              'TITNDistillLoss(teacher=...)')
         if self.teacher.training:  # the teacher's batch-norm statistics must never change
             self.teacher.eval()
-        return self.teacher(self.teacher_inputs(inputs)).float()
+        x = self.teacher_inputs(inputs)
+        param = next(self.teacher.parameters(), None)
+        if param is not None and (param.device != x.device or (param.is_floating_point() and param.dtype != x.dtype)):
+            x = x.to(param.device, param.dtype if param.is_floating_point() else x.dtype)
+        return self.teacher(x).float().to(inputs.device)
 
     def base_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy for integer targets; soft-target cross-entropy for mixed targets (Eq. 9)."""
+        if self.base_criterion is not None:
+            return self.base_criterion(logits, targets)
         batch, num_classes = logits.shape
+        if targets.dtype == torch.bool:
+            raise ValueError('targets are booleans: pass class indices (integers, shape (batch,)) or per-class '
+                             'probabilities (float, shape (batch, classes))')
         if targets.ndim == 1 and not targets.is_floating_point():
+            targets = targets.long()
             if targets.shape[0] != batch:
                 raise ValueError(f'targets hold {targets.shape[0]} labels for a batch of {batch}')
-            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+            # checked where it costs nothing; on an accelerator the check would wait for the device at every step
+            if targets.device.type == 'cpu' and targets.numel() and (
+                    int(targets.min()) < 0 or int(targets.max()) >= num_classes):
                 raise ValueError(f'class index out of range: targets span [{int(targets.min())}, '
                                  f'{int(targets.max())}] but the student predicts {num_classes} classes')
             return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
@@ -152,7 +176,7 @@ class TITNDistillLoss(nn.Module):
             self.last_parts = {'base': base.detach(), 'total': base.detach()}
             return base
         if teacher_logits is None:
-            teacher_logits = self.teacher_logits(inputs)
+            teacher_logits = self.predict_teacher(inputs)
         distill = self.distill_loss(dist_logits, teacher_logits.detach())
         loss = (1 - self.alpha) * base + self.alpha * distill
         self.last_parts = {'base': base.detach(), 'distill': distill.detach(), 'total': loss.detach()}

@@ -1,27 +1,21 @@
-"""Creating and loading models for training and evaluation: timm names, optional keywords, small-input
-adaptation of ImageNet CNN teachers, and safe checkpoint loading (``weights_only=True`` or safetensors)."""
+"""Creating models for training and evaluation, and the one reader of every checkpoint kind: ``titn train``
+checkpoints (``last.pth``, ``best.pth``), safetensors files (Hub folders), and state dicts saved from DDP,
+``torch.compile`` or timm's ``train.py`` (``state_dict``, ``model``; wrapper prefixes removed by timm's
+``clean_state_dict``). Pickles are read with ``weights_only=True``."""
 import os
+from typing import Optional, Tuple
 
 import timm
 import torch
 import torch.nn as nn
 
-from .titn import checkpoint_filter_fn
+from .teachers import adapt_to_small_input
+from .titn import TITN, checkpoint_filter_fn, checkpoint_weights
 
-__all__ = ['create_model', 'adapt_to_small_input', 'load_state_file', 'load_model_state', 'unwrap']
+__all__ = ['create_model', 'read_checkpoint', 'load_model_state', 'model_from_checkpoint', 'unwrap']
 
 # keywords a model may not take: dropped (in this order) when its constructor refuses them
 _OPTIONAL_KWARGS = ('img_size', 'drop_path_rate')
-
-
-def adapt_to_small_input(model: nn.Module) -> nn.Module:
-    """The usual CIFAR adaptation of ImageNet ResNets: a 3x3 stride-1 stem and no max-pool, so that a 32x32
-    image keeps a 4x4 map before pooling instead of 1x1. Models without a ResNet stem are returned as they are."""
-    conv1, maxpool = getattr(model, 'conv1', None), getattr(model, 'maxpool', None)
-    if isinstance(conv1, nn.Conv2d) and isinstance(maxpool, nn.MaxPool2d) and conv1.stride != (1, 1):
-        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    return model
 
 
 def create_model(name: str, pretrained: bool = False, small_input: bool = True, **kwargs) -> nn.Module:
@@ -54,25 +48,30 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def load_state_file(path: str) -> dict:
-    """A state dict from ``.safetensors`` or a pickle checkpoint read with ``weights_only=True``."""
+def read_checkpoint(path: str, what: str = 'checkpoint') -> dict:
+    """The checkpoint at ``path`` as a dict; a safetensors file becomes ``{'model': tensors}``."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'no checkpoint at {path}')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path)
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    for key in ('model', 'state_dict'):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            return state[key]
+        raise FileNotFoundError(f'the {what} {path} does not exist: check the path')
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return {'model': load_file(path)}
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle holding more than tensors
+        raise ValueError(f'the {what} {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0]}); '
+                         f'expected a .pth written by torch.save (titn train) or a .safetensors file') from e
+    if not isinstance(state, dict):
+        raise ValueError(f'the {what} {path} holds a {type(state).__name__}, not a state dict or checkpoint')
     return state
 
 
-def load_model_state(model: nn.Module, path: str, what: str = 'checkpoint', strict: bool = True) -> None:
-    """Load ``path`` into ``model`` with a clear error when architecture or class count differ."""
-    state = load_state_file(path)
-    state = checkpoint_filter_fn(state, model) if hasattr(model, 'patch_pos') else {
-        k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in state.items()}
+def load_model_state(model: nn.Module, path: str, what: str = 'checkpoint', strict: bool = True) -> dict:
+    """Load the weights at ``path`` into ``model`` (TITN weights through :func:`checkpoint_filter_fn`), with a clear
+    error when architecture or class count differ; returns the checkpoint."""
+    checkpoint = read_checkpoint(path, what)
+    state = checkpoint_weights(checkpoint)
+    if isinstance(model, TITN):
+        state = checkpoint_filter_fn(state, model)
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as e:
@@ -80,4 +79,19 @@ def load_model_state(model: nn.Module, path: str, what: str = 'checkpoint', stri
         raise ValueError(
             f'the {what} {path} does not fit {type(model).__name__} with {classes} classes: it was saved from '
             f'another architecture or class count. Build the model it was trained as (same --model, '
-            f'--num-classes), or load it with --pretrained-style adaptation.\n{e}') from e
+            f'--num-classes).\n{e}') from e
+    return checkpoint
+
+
+def model_from_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[nn.Module, dict]:
+    """``(model, checkpoint)`` for a ``titn train`` checkpoint, built from the architecture it records
+    (``tag``: build it as ``<arch>.<tag>``, with that pretrained config)."""
+    checkpoint = read_checkpoint(path)
+    if 'arch' not in checkpoint:
+        raise ValueError(f'{path} is not a checkpoint written by titn train (no "arch" entry); for a timm name or '
+                         f'a Hub folder pass hf-hub:<repo> or local-dir:<folder>')
+    model = create_model(f"{checkpoint['arch']}.{tag}" if tag else checkpoint['arch'], num_classes=checkpoint['num_classes'],
+                         in_chans=checkpoint['in_chans'], img_size=checkpoint['img_size'],
+                         **checkpoint.get('model_kwargs', {}))
+    model.load_state_dict(checkpoint_weights(checkpoint))
+    return model, checkpoint

@@ -10,35 +10,19 @@ from typing import List, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import calculate_drop_path_rates, resample_abs_pos_embed, trunc_normal_
 from safetensors import SafetensorError
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, checkpoint, clean_state_dict, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .layers import InnerBlock, OuterBlock, PixelEmbed, PixelToPatch, classifier_pair
+from .constants import (CIFAR10_LABELS, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_LABELS, CIFAR100_MEAN, CIFAR100_STD,
+                        HUB_NAMESPACE, MNIST_LABELS, MNIST_MEAN, MNIST_STD)
+from .hub import PretrainedWeightsError, explain_load_error
+from .layers import InnerBlock, OuterBlock, PixelEmbed, PixelToPatch, classifier_pair, distilled_logits
 
-__all__ = ['TITN', 'Block', 'PretrainedWeightsError']
+__all__ = ['TITN', 'Block']
 
-HUB_NAMESPACE = 'titn-lib'
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-MNIST_LABELS = tuple(str(d) for d in range(10))
-CIFAR100_LABELS = tuple('''
-    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle
-    bowl boy bridge bus butterfly camel can castle caterpillar cattle
-    chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
-    dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard
-    lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain
-    mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree
-    plain plate poppy porcupine possum rabbit raccoon ray road rocket
-    rose sea seal shark shrew skunk skyscraper snail snake spider
-    squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor
-    train trout tulip turtle wardrobe whale willow_tree wolf woman worm
-'''.split())  # torchvision's fine-label order
 
 
 class Block(nn.Module):
@@ -60,18 +44,26 @@ class Block(nn.Module):
             num_prefix_tokens: int = 2,
             act_layer: Type[nn.Module] = nn.GELU,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        self.grad_checkpointing = False
         common = dict(qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop, drop_path=drop_path,
-                      act_layer=act_layer, norm_layer=norm_layer)
+                      act_layer=act_layer, norm_layer=norm_layer, device=device, dtype=dtype)
         self.inner = InnerBlock(inner_dim, num_heads_inner, mlp_ratio=inner_mlp_ratio, **common)
         self.outer = OuterBlock(
             dim, num_heads_outer, num_pixel=num_pixel, inner_dim=inner_dim, num_prefix_tokens=num_prefix_tokens,
             mlp_ratio=mlp_ratio, **common)
 
-    def forward(self, pixel_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, pixel_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         pixel_tokens = self.inner(pixel_tokens)
         return pixel_tokens, self.outer(patch_tokens, pixel_tokens)
+
+    def forward(self, pixel_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.grad_checkpointing and not torch.jit.is_scripting():  # TITN.set_grad_checkpointing
+            return checkpoint(self._forward, pixel_tokens, patch_tokens)
+        return self._forward(pixel_tokens, patch_tokens)
 
 
 class TITN(nn.Module):
@@ -100,11 +92,14 @@ class TITN(nn.Module):
             drop_path_rate: float = 0.,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
             act_layer: Type[nn.Module] = nn.GELU,
+            device=None,
+            dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        if global_pool != 'token':
-            raise ValueError(f"TITN classifies from its class and distillation tokens: global_pool must be 'token', "
-                             f"got {global_pool!r}")
+        if global_pool not in ('token', ''):
+            raise ValueError(f"TITN classifies from its class and distillation tokens: global_pool must be 'token' "
+                             f"(or '', as DeiT), got {global_pool!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -113,12 +108,12 @@ class TITN(nn.Module):
         self.grad_checkpointing = False
         self.distilled_training = False  # set True (and train mode) to return (cls_logits, dist_logits)
 
-        self.pixel_embed = PixelEmbed(img_size, patch_size, pixel_size, in_chans, inner_dim)
+        self.pixel_embed = PixelEmbed(img_size, patch_size, pixel_size, in_chans, inner_dim, **dd)
         num_patches, num_pixel = self.pixel_embed.num_patches, self.pixel_embed.num_pixel
-        self.patch_embed = PixelToPatch(num_pixel, inner_dim, embed_dim, norm_layer=norm_layer)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.patch_pos = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+        self.patch_embed = PixelToPatch(num_pixel, inner_dim, embed_dim, norm_layer=norm_layer, **dd)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.patch_pos = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim, **dd))
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
@@ -127,13 +122,13 @@ class TITN(nn.Module):
                 embed_dim, inner_dim, num_pixel, num_heads_outer, num_heads_inner, mlp_ratio=mlp_ratio,
                 inner_mlp_ratio=inner_mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[i], num_prefix_tokens=self.num_prefix_tokens,
-                act_layer=act_layer, norm_layer=norm_layer)
+                act_layer=act_layer, norm_layer=norm_layer, **dd)
             for i in range(depth)])
         reduction = self.pixel_embed.feat_ratio()
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
-        self.norm = norm_layer(embed_dim)
+        self.norm = norm_layer(embed_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head, self.head_dist = classifier_pair(embed_dim, num_classes)
+        self.head, self.head_dist = classifier_pair(embed_dim, num_classes, **dd)
 
         for p in (self.cls_token, self.dist_token, self.patch_pos, self.pixel_embed.pixel_pos):
             trunc_normal_(p, std=.02)
@@ -163,6 +158,8 @@ class TITN(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+        for blk in self.blocks:
+            blk.grad_checkpointing = enable
 
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:
@@ -174,8 +171,9 @@ class TITN(nn.Module):
         return self.head, self.head_dist
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None and global_pool != 'token':
-            raise ValueError(f"TITN only supports global_pool='token', got {global_pool!r}")
+        if global_pool not in (None, '', 'token'):
+            raise ValueError(f"TITN's heads read the class and distillation tokens: global_pool must be 'token' or "
+                             f"'' (as DeiT), got {global_pool!r}")
         self.num_classes = num_classes
         self.head, self.head_dist = classifier_pair(self.embed_dim, num_classes, like=self)
 
@@ -186,17 +184,14 @@ class TITN(nn.Module):
         patch_tokens = torch.cat([
             self.cls_token.expand(B, -1, -1),
             self.dist_token.expand(B, -1, -1),
-            self.patch_embed(pixel_tokens, B),
+            self.patch_embed(pixel_tokens, B, self.pixel_embed.num_patches),
         ], dim=1)
         return pixel_tokens, self.pos_drop(patch_tokens + self.patch_pos)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         pixel_tokens, patch_tokens = self._embed(x)
         for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                pixel_tokens, patch_tokens = checkpoint(blk, pixel_tokens, patch_tokens)
-            else:
-                pixel_tokens, patch_tokens = blk(pixel_tokens, patch_tokens)
+            pixel_tokens, patch_tokens = blk(pixel_tokens, patch_tokens)
         return self.norm(patch_tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -204,10 +199,7 @@ class TITN(nn.Module):
         x, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
         if pre_logits:
             return (x + x_dist) / 2
-        x, x_dist = self.head(x), self.head_dist(x_dist)
-        if self.distilled_training and self.training and not torch.jit.is_scripting():
-            return x, x_dist
-        return (x + x_dist) / 2
+        return distilled_logits(self.head(x), self.head_dist(x_dist), self.distilled_training and self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -231,10 +223,7 @@ class TITN(nn.Module):
         blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
         intermediates = []
         for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                pixel_tokens, patch_tokens = checkpoint(blk, pixel_tokens, patch_tokens)
-            else:
-                pixel_tokens, patch_tokens = blk(pixel_tokens, patch_tokens)
+            pixel_tokens, patch_tokens = blk(pixel_tokens, patch_tokens)
             if i in take_indices:
                 intermediates.append(self.norm(patch_tokens) if norm else patch_tokens)
         prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates]
@@ -278,8 +267,9 @@ def _cfg(url: str = '', **kwargs) -> dict:
     }
 
 
-def _small_data_cfg(variant_tag: str, dataset: str, **kwargs) -> dict:
-    """A 32x32 pretrained config: trained at 32x32 with no resize, so evaluation is a 1.0 crop."""
+def _small_data_cfg(variant_tag: str, dataset: str, published: bool = True, **kwargs) -> dict:
+    """A 32x32 config: trained at 32x32 with no resize, so evaluation is a 1.0 crop. ``published``: weights exist
+    on the Hub (``titn-lib/<variant_tag>``); without them the config still carries the dataset's statistics."""
     stats = {
         'cifar10': dict(mean=CIFAR10_MEAN, std=CIFAR10_STD, num_classes=10, label_names=CIFAR10_LABELS,
                         input_size=(3, 32, 32)),
@@ -290,85 +280,68 @@ def _small_data_cfg(variant_tag: str, dataset: str, **kwargs) -> dict:
                       input_size=(1, 32, 32), interpolation='bilinear'),
     }[dataset]
     return _cfg(
-        hf_hub_id=f'{HUB_NAMESPACE}/{variant_tag}',
+        hf_hub_id=f'{HUB_NAMESPACE}/{variant_tag}' if published else None,
         crop_pct=1.0, crop_mode='center', interpolation=stats.pop('interpolation', 'bicubic'),
         **stats, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
     'titn_tiny_patch8_32.cifar10': _small_data_cfg('titn_tiny_patch8_32.cifar10', 'cifar10'),
-    'titn_tiny_patch8_32.cifar100': _small_data_cfg('titn_tiny_patch8_32.cifar100', 'cifar100'),
     'titn_tiny_patch8_32.mnist': _small_data_cfg('titn_tiny_patch8_32.mnist', 'mnist'),
-    'titn_tiny_patch16_32.cifar10': _small_data_cfg('titn_tiny_patch16_32.cifar10', 'cifar10'),
-    'titn_tiny_patch16_32.cifar100': _small_data_cfg('titn_tiny_patch16_32.cifar100', 'cifar100'),
-    'titn_tiny_patch16_32.mnist': _small_data_cfg('titn_tiny_patch16_32.mnist', 'mnist'),
+    # recipes exist for these, weights not yet: configs without a Hub id, as timm keeps untrained variants
+    'titn_tiny_patch8_32.cifar100': _small_data_cfg('titn_tiny_patch8_32.cifar100', 'cifar100', published=False),
+    'titn_tiny_patch16_32.cifar10': _small_data_cfg('titn_tiny_patch16_32.cifar10', 'cifar10', published=False),
+    'titn_tiny_patch16_32.cifar100': _small_data_cfg('titn_tiny_patch16_32.cifar100', 'cifar100', published=False),
+    'titn_tiny_patch16_32.mnist': _small_data_cfg('titn_tiny_patch16_32.mnist', 'mnist', published=False),
     'titn_small_patch16_224': _cfg(),
     'titn_base_patch16_224': _cfg(),
 })
 
 
+def checkpoint_weights(checkpoint: dict) -> dict:
+    """The model weights of a checkpoint: its ``model`` or ``state_dict`` entry (``titn train``, timm's train.py),
+    else the dict itself, with DDP and ``torch.compile`` prefixes removed (timm's ``clean_state_dict``)."""
+    for key in ('model', 'state_dict'):
+        if isinstance(checkpoint.get(key), dict):
+            return clean_state_dict(checkpoint[key])
+    return clean_state_dict(checkpoint)
+
+
 def checkpoint_filter_fn(state_dict: dict, model: TITN) -> dict:
     """Prepare a TITN state dict for ``model``.
 
-    Accepts a training checkpoint (``{'model': ...}`` / ``{'state_dict': ...}``), strips DDP's ``module.`` and
-    ``torch.compile``'s ``_orig_mod.`` prefixes, resamples ``patch_pos`` to the model's patch grid keeping the
-    two prefix rows, and ``pixel_pos`` to its pixel grid. Input-channel adaptation of ``pixel_embed.proj`` is
-    left to timm's loader (the configs name it as ``first_conv``).
+    Accepts a training checkpoint (``{'model': ...}`` / ``{'state_dict': ...}``), removes DDP and ``torch.compile``
+    prefixes (timm's ``clean_state_dict``) and resamples ``patch_pos`` to the model's patch grid keeping the two
+    prefix rows. A different pixel grid changes the shapes of every patch projection, so it cannot be adapted and
+    is refused with an explanation. Input-channel adaptation of ``pixel_embed.proj`` is left to timm's loader (the
+    configs name it as ``first_conv``).
     """
-    for key in ('model', 'state_dict', 'model_ema'):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
     out = {}
-    for k, v in state_dict.items():
-        for prefix in ('module.', '_orig_mod.'):
-            k = k[len(prefix):] if k.startswith(prefix) else k
+    for k, v in checkpoint_weights(state_dict).items():
         if k == 'patch_pos' and v.shape != model.patch_pos.shape:
             v = resample_abs_pos_embed(
                 v, new_size=model.pixel_embed.grid_size, num_prefix_tokens=model.num_prefix_tokens)
         elif k == 'pixel_embed.pixel_pos' and v.shape != model.pixel_embed.pixel_pos.shape:
-            v = F.interpolate(v.float(), size=model.pixel_embed.pixel_grid, mode='bicubic', align_corners=False)
+            raise ValueError(
+                f'these weights have a pixel grid of {tuple(v.shape[-2:])} sub-patches per patch but the model '
+                f'{model.pixel_embed.pixel_grid}: the patch projections depend on it, so the weights cannot be '
+                f'adapted. Keep patch_size / pixel_size as trained (a new img_size is fine).')
         out[k] = v
     return out
 
 
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights could not be downloaded or loaded; the message names the source and the fix."""
-
-
-def _weights_source(variant: str, kwargs: dict) -> str:
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-    if cfg.file:
-        return f'file {cfg.file}'
-    if cfg.hf_hub_id:
-        return f'Hub repo {cfg.hf_hub_id}'
-    return f'{variant} (no weights are registered for it: pick a tagged name such as {variant}.cifar10)'
-
-
-def _explain_load_error(variant: str, kwargs: dict, error: Exception) -> PretrainedWeightsError:
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-    source = _weights_source(variant, kwargs)
-    if isinstance(error, RepositoryNotFoundError):
-        fix = 'the repo does not exist (or is private): check the name, or log in with `hf auth login`'
-    elif isinstance(error, LocalEntryNotFoundError):
-        fix = ('the file is not in the local cache and the Hub cannot be reached (HF_HUB_OFFLINE is set or the '
-               'network is down): download it once while online')
-    elif isinstance(error, EntryNotFoundError):
-        fix = 'the repo has no model.safetensors: write one with `titn export` and upload it with `hf upload`'
-    elif isinstance(error, SafetensorError):
-        fix = ('the downloaded model.safetensors is truncated or corrupt: delete it from the Hub cache '
-               '(`hf cache delete`, or the folder under $HF_HOME/hub) and download it again')
-    elif 'weights_only' in str(error):
-        fix = ('the repo holds a pickle checkpoint with more than tensors; it is refused (weights_only=True) and '
-               'was not executed: publish model.safetensors instead')
-    elif isinstance(error, RuntimeError) and 'state_dict' in str(error):
-        fix = ('the checkpoint was saved from another architecture or class count: use the model name it was '
-               'exported for, or pass num_classes= to drop its classifier')
-    else:
-        fix = 'see the error below'
-    return PretrainedWeightsError(
-        f'could not load pretrained weights for {variant} from {source}: {fix}.\n{type(error).__name__}: {error}')
+def _filter_pretrained(state_dict: dict, model: TITN) -> dict:
+    """:func:`checkpoint_filter_fn` for weights described by the model's pretrained config (the Hub, ``local-dir:``):
+    at the config's own input size the patch grid must match, or the weights were trained with another patch size
+    (e.g. a ``config.json`` naming another architecture than its ``model.safetensors``)."""
+    patches = checkpoint_weights(state_dict)['patch_pos'].shape[1] - model.num_prefix_tokens
+    trained_size = tuple(model.pretrained_cfg.get('input_size', (0, 0, 0))[1:])
+    if patches != model.pixel_embed.num_patches and trained_size == tuple(model.pixel_embed.img_size):
+        raise ValueError(
+            f'the weights hold {patches} patches per {trained_size[0]}x{trained_size[1]} image but '
+            f'{model.pretrained_cfg.get("architecture")} makes {model.pixel_embed.num_patches}: they were trained with '
+            f'another patch size. The architecture named in config.json does not match model.safetensors.')
+    return checkpoint_filter_fn(state_dict, model)
 
 
 def _create_titn(variant: str, pretrained: bool = False, **kwargs) -> TITN:
@@ -376,13 +349,13 @@ def _create_titn(variant: str, pretrained: bool = False, **kwargs) -> TITN:
     try:
         return build_model_with_cfg(
             TITN, variant, pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
+            pretrained_filter_fn=_filter_pretrained,
             feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
             **kwargs)
     except (RuntimeError, OSError, SafetensorError) as e:  # huggingface_hub's errors derive from OSError
         if not pretrained or isinstance(e, PretrainedWeightsError):
             raise
-        raise _explain_load_error(variant, kwargs, e) from e
+        raise explain_load_error(variant, kwargs, e) from e
 
 
 @register_model
