@@ -1,14 +1,12 @@
 """What a user sees when something is wrong, through the `titn` console script: one line on stderr saying what was
 expected, what was given and what to do, exit status 1, the traceback only with --debug; and every check that can
 be made before the first epoch is made there."""
-import errno
 import os
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import REPO_ROOT, make_npz_split

@@ -201,6 +201,11 @@ def test_shipped_weights_load_through_the_hub_protocol(folder, tmp_path):
             expected = torch.load("{tmp_path / 'expected.pt'}", weights_only=True)
             assert all(torch.equal(m.state_dict()[k], v) for k, v in expected.items())
             assert m(torch.randn(2, {in_chans}, 32, 32)).shape == (2, m.num_classes)
+            # timm's test_model_load_pretrained: another channel count and class count, and features out
+            other = timm.create_model("{folder}", pretrained=True, in_chans={4 - in_chans}, num_classes=5).eval()
+            assert other(torch.randn(1, {4 - in_chans}, 32, 32)).shape == (1, 5)
+            features = timm.create_model("{folder}", pretrained=True, num_classes=0).eval()
+            assert features(torch.randn(1, {in_chans}, 32, 32)).shape == (1, features.num_features)
             print("OK", m.pretrained_cfg["hf_hub_id"])
         '''
         result = run_with_hub(dict(endpoint=endpoint), code, tmp_path / 'hf')

@@ -5,7 +5,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from conftest import SHIPPED_FOLDERS, SHIPPED_WEIGHTS
+from conftest import SHIPPED_FOLDERS
 from titn_lib.titn import default_cfgs
 
 TINY = ['titn_tiny_patch8_32', 'titn_tiny_patch16_32']

@@ -4,6 +4,10 @@ Sources: torchvision's CIFAR-10 / CIFAR-100 / MNIST (downloaded with ``download=
 arrays, and ImageFolder trees. The ``.npz`` format: one file per split (``train.npz``, ``test.npz``) holding
 ``images`` (uint8, ``[N, H, W]`` or ``[N, H, W, C]``) and ``labels`` (int, ``[N]``), written with
 ``np.savez`` / ``np.savez_compressed`` (no pickle). ``../shared/data/{mnist,cifar10}`` is in this format.
+
+Two ways to feed training: ``DataLoader`` worker processes with the PIL transforms of :func:`build_transforms`, or
+:class:`DeviceLoader`, which holds an in-memory split on the training device and applies the same augmentations to
+whole batches there (``titn train --loader device``).
 """
 import os
 from dataclasses import dataclass
@@ -202,7 +206,6 @@ def build_mixup(mixup: float, cutmix: float, num_classes: int, smoothing: float 
         return None
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
                  label_smoothing=smoothing, num_classes=num_classes)
-
 
 
 def dataset_tensors(dataset) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,8 @@ def classification_metrics(confusion: torch.Tensor, top1_correct: int, top5_corr
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device = torch.device('cpu'),
-             amp_dtype: Optional[torch.dtype] = None, progress: bool = False, flip_tta: bool = False) -> Dict[str, float]:
+             amp_dtype: Optional[torch.dtype] = None, progress: bool = False,
+             flip_tta: bool = False) -> Dict[str, float]:
     """Evaluate ``model`` in eval mode on ``loader``; returns :func:`classification_metrics`.
 
     ``flip_tta``: test-time augmentation, the mean of the logits of each image and its horizontal mirror."""

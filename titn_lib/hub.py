@@ -8,7 +8,6 @@ import os
 import shutil
 from typing import Dict, List, Optional
 
-import torch
 from safetensors import SafetensorError
 from timm.models import resolve_pretrained_cfg, save_for_hf
 

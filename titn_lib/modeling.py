@@ -90,7 +90,8 @@ def model_from_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[nn.Modu
     if 'arch' not in checkpoint:
         raise ValueError(f'{path} is not a checkpoint written by titn train (no "arch" entry); for a timm name or '
                          f'a Hub folder pass hf-hub:<repo> or local-dir:<folder>')
-    model = create_model(f"{checkpoint['arch']}.{tag}" if tag else checkpoint['arch'], num_classes=checkpoint['num_classes'],
+    name = f"{checkpoint['arch']}.{tag}" if tag else checkpoint['arch']
+    model = create_model(name, num_classes=checkpoint['num_classes'],
                          in_chans=checkpoint['in_chans'], img_size=checkpoint['img_size'],
                          **checkpoint.get('model_kwargs', {}))
     model.load_state_dict(checkpoint_weights(checkpoint))

@@ -104,8 +104,8 @@ def _cfg(variant_tag: Optional[str], dataset: str) -> dict:
                       input_size=(1, 32, 32), interpolation='bilinear'),
     }[dataset]
     return dict(
-        hf_hub_id=f'{HUB_NAMESPACE}/{variant_tag}' if variant_tag else None, pool_size=None, crop_pct=1.0, crop_mode='center',
-        first_conv='stem.0', classifier='head', license='apache-2.0', **stats)
+        hf_hub_id=f'{HUB_NAMESPACE}/{variant_tag}' if variant_tag else None, pool_size=None, crop_pct=1.0,
+        crop_mode='center', first_conv='stem.0', classifier='head', license='apache-2.0', **stats)
 
 
 default_cfgs = generate_default_cfgs({

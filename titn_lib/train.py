@@ -351,7 +351,8 @@ class BestCheckpoint:
         pick = max(scores, key=lambda name: scores[name] if scores[name] is not None else -1)
         if scores[pick] is None or self.top1 is None or scores[pick] >= self.top1:
             self.top1 = scores[pick]
-            self.state = dict(model={k: v.detach().to('cpu', copy=True) for k, v in candidates[pick].state_dict().items()},
+            weights = candidates[pick].state_dict()
+            self.state = dict(model={k: v.detach().to('cpu', copy=True) for k, v in weights.items()},
                               epoch=epoch, weights=pick, **meta)
 
     def save(self) -> None:
@@ -379,8 +380,8 @@ def resume_training(path: str, args, info: data_lib.DatasetInfo, model, optimize
     optimizer.load_state_dict(state['optimizer'])
     if state.get('scaler'):
         scaler.load_state_dict(state['scaler'])
-    if ema is not None and state.get('model_ema'):
-        ema.module.load_state_dict(state['model_ema'])
+    if ema is not None:  # a checkpoint from a run without --model-ema starts the average at its weights
+        ema.module.load_state_dict(state.get('model_ema') or unwrap(model).state_dict())
     return state
 
 
