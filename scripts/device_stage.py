@@ -1,8 +1,8 @@
 """Carry a training split to a machine that reaches nothing outside it, losslessly, within a per-call size limit.
 
 ``pack`` (here) writes the images of ``<data-dir>/<dataset>/train.npz`` as lossless WebP sheets of 1,000 images,
-spread over ``--parts`` folders so that each travels in its own call (CIFAR-10: 83 MB in all, two parts of about
-42 MB), plus a manifest holding the labels and the sha256 of the original arrays. ``unpack`` (there) rebuilds
+spread over ``--parts`` folders so that each travels in its own call (CIFAR-10: two parts of about 40 MiB), plus
+a manifest holding the labels and the sha256 of the original arrays. ``unpack`` (there) rebuilds
 ``<out>/<dataset>/train.npz`` from the folders and refuses anything that is not bit for bit the original.
 Procedure and sizes: docs/reproduction.md, "Training on a lent GPU machine".
 """
