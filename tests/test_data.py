@@ -131,6 +131,34 @@ def test_device_loader_training_batches(tmp_path):
         DeviceLoader(ds, 8, (0.5,) * 3, (0.25,) * 3, 32, torch.device('cpu'), train=True, aa='rand-m9')
 
 
+def test_random_erasing_in_both_loaders(tmp_path):
+    """--reprob: timm's RandomErasing after normalisation, per image, seeded like the rest of an epoch."""
+    import random
+    from titn_lib.data import DeviceLoader
+    make_npz_split(tmp_path / 'train.npz', 16)
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    tf = build_transforms('cifar10', 32, mean, std, is_training=True, re_prob=1.0, re_mode='const')
+    assert type(tf.transforms[-1]).__name__ == 'RandomErasing'
+    assert 'RandomErasing' not in repr(build_transforms('cifar10', 32, mean, std, is_training=True))
+    image = tf(Image.fromarray(np.full((32, 32, 3), 255, np.uint8)))  # 2.0, or -2.0 in the crop's padding
+    assert 0.02 * 1024 <= (image == 0).all(0).sum() <= 1024 / 3 + 32
+
+    ds = NpzDataset(str(tmp_path / 'train.npz'))
+    plain = DeviceLoader(ds, 8, mean, std, 32, torch.device('cpu'), train=True, crop_padding=0, hflip=0)
+    loader = DeviceLoader(ds, 8, mean, std, 32, torch.device('cpu'), train=True, crop_padding=0, hflip=0,
+                          re_prob=1.0, re_mode='const')
+    batches = []
+    for _ in range(2):
+        torch.manual_seed(3), random.seed(3)
+        batches.append(next(iter(loader))[0])
+    torch.manual_seed(3)
+    clean = next(iter(plain))[0]
+    changed = (batches[0] != clean).flatten(2).any(1)  # pixels erased, per image
+    assert torch.equal(batches[0], batches[1])  # seeded: the same rectangles again
+    assert (changed.sum(1) >= 0.02 * 1024).all() and (batches[0][changed.view(8, 1, 32, 32).expand_as(clean)] == 0).all()
+    assert plain.erase is None and DeviceLoader(ds, 8, mean, std, 32, torch.device('cpu'), re_prob=1.0).erase is None
+
+
 def test_random_crop_flip_and_affine():
     from titn_lib.data import random_affine_jitter, random_crop_flip
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)

@@ -37,6 +37,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument('--train-subset', type=int, default=0, help='use only the first N training images (0: all)')
     g.add_argument('--img-size', type=int, default=32)
     g.add_argument('--aa', default=None, help='AutoAugment policy: cifar10, imagenet, svhn, rand-*, none')
+    g.add_argument('--reprob', type=float, default=0.0,
+                   help="timm's random erasing: probability per image (not in the paper; 0: off)")
+    g.add_argument('--remode', default='pixel', choices=['const', 'rand', 'pixel'],
+                   help='random erasing fill: const (zero after normalisation), rand (per channel), pixel')
     g.add_argument('--mixup', type=float, default=0.0, help='MixUp alpha (0: off)')
     g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (the paper: 0.5)')
     g.add_argument('--mixup-prob', type=float, default=1.0)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision import transforms as T
@@ -158,12 +159,16 @@ def build_transforms(
         aa: Optional[str] = None,
         hflip: float = 0.5,
         crop_padding: int = 4,
+        re_prob: float = 0.0,
+        re_mode: str = 'pixel',
 ) -> Callable:
     """The paper's augmentations (§3.4, §4.1).
 
     CIFAR (and other RGB data): random crop with padding, horizontal flip, AutoAugment (``aa``: a torchvision
     policy ``cifar10``/``imagenet``/``svhn``, or a timm ``rand-*`` / ``augmix-*`` string). MNIST: resize, random
     crop, rotation, affine and colour jitter. Evaluation: resize to ``img_size`` when needed, normalise.
+    Not in the paper, off by default: timm's random erasing (``re_prob``, ``re_mode``) after normalisation, as
+    DeiT and timm's ``create_transform`` place it.
     """
     tail = [T.ToTensor(), T.Normalize(mean, std)]
     resize = [T.Resize(img_size, interpolation=T.InterpolationMode.BILINEAR)]
@@ -182,6 +187,8 @@ def build_transforms(
             aug.append(T.RandomHorizontalFlip(hflip))
     if aa and aa != 'none':
         aug.append(_auto_augment(aa, img_size, mean))
+    if re_prob > 0:
+        tail.append(RandomErasing(re_prob, mode=re_mode, device='cpu'))
     return T.Compose(aug + tail)
 
 
@@ -287,8 +294,9 @@ class DeviceLoader:
     The augmentations of :func:`build_transforms` without worker processes or per-image Python, which is what
     keeps a GPU busy on 32x32 data (and spares the cores of a small CPU): crop with padding and flip (RGB
     data) or rotation, translation, scale and jitter (``mnist``) are drawn per image; the AutoAugment /
-    RandAugment policy (``aa``) is drawn once per group of ``aug_group`` images. Randomness comes from torch's
-    global generators, so seeding them at an epoch start fixes that epoch. Yields normalised float batches.
+    RandAugment policy (``aa``) is drawn once per group of ``aug_group`` images; timm's random erasing
+    (``re_prob``) is drawn per image on the normalised batch. Randomness comes from torch's and Python's global
+    generators, so seeding them at an epoch start fixes that epoch. Yields normalised float batches.
     """
 
     def __init__(
@@ -306,6 +314,8 @@ class DeviceLoader:
             aug_group: int = 32,
             crop_padding: int = 4,
             hflip: float = 0.5,
+            re_prob: float = 0.0,
+            re_mode: str = 'pixel',
             rank: int = 0,
             world_size: int = 1,
     ):
@@ -318,6 +328,7 @@ class DeviceLoader:
         self.batch_size, self.device, self.kind, self.train = batch_size, device, kind, train
         self.policy = _device_policy(aa) if train else None
         self.aug_group, self.crop_padding, self.hflip = aug_group, crop_padding, hflip
+        self.erase = RandomErasing(re_prob, mode=re_mode, device=device) if train and re_prob > 0 else None
         self.rank, self.world_size = rank, world_size
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
@@ -349,4 +360,5 @@ class DeviceLoader:
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[index]
             x = self.augment(x) if self.train else x.float()
-            yield (x - self.mean) / self.std, self.labels[index]
+            x = (x - self.mean) / self.std
+            yield x if self.erase is None else self.erase(x), self.labels[index]
