@@ -248,3 +248,32 @@ def test_initial_checkpoint_pretrained_and_clip_grad(tiny_npz, tmp_path):
         torch.nn.utils.clip_grad_norm_ = clip
     assert norms and all(max_norm == 1e-4 for _, max_norm in norms)
     assert any(total > 1e-4 for total, _ in norms)  # the clip was active
+
+
+def test_whiten_stem_and_crop_padding(tiny_npz, tmp_path, monkeypatch):
+    """--whiten-stem: the stem starts as the whitening of the training images and stays frozen while the rest
+    trains; --crop-padding reaches both loaders; a model without a whitening stem is refused before training."""
+    from timm import create_model
+    from torchvision import transforms as T
+    from titn_lib import data as data_lib
+    from titn_lib.train import build_data, dataset_info
+    shifts = []
+    crop_flip = data_lib.random_crop_flip
+    monkeypatch.setattr(data_lib, 'random_crop_flip',
+                        lambda x, padding, hflip: shifts.append(padding) or crop_flip(x, padding, hflip))
+    args = parse_args(tiny_args(tiny_npz, tmp_path / 'o', '--model', 'aircnn_32', '--model-kwargs',
+                                'widths=(8,16,16)', 'frozen_bn_scale=True', '--whiten-stem', '--crop-padding', '2',
+                                '--loader', 'device', '--epochs', '1', '--no-test', '--threads', '1'))
+    info = dataset_info(args)
+    train_set = build_data(args, info)[0]
+    assert [t.padding for t in train_set.dataset.transform.transforms if isinstance(t, T.RandomCrop)] == [2]
+    run(args)
+    assert shifts and set(shifts) == {2}
+    trained = torch.load(tmp_path / 'o' / 'last.pth', weights_only=True)['model']
+    start = create_model('aircnn_32', num_classes=3, widths=(8, 16, 16))
+    start.init_whitening(data_lib.normalised_images(train_set, 5000, info.mean, info.std, 32, needed_by='test'))
+    assert torch.equal(trained['stem.0.weight'], start.stem[0].weight)
+    assert not torch.equal(trained['stages.0.conv1.weight'], start.stages[0].conv1.weight)
+    assert (trained['stages.0.bn1.weight'] == 1).all() and trained['stages.0.bn1.bias'].any()
+    with pytest.raises(ValueError, match='--whiten-stem needs a model with a patch-whitening stem'):
+        run(parse_args(tiny_args(tiny_npz, tmp_path / 'x', '--whiten-stem')))

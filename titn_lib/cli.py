@@ -28,6 +28,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument('--pretrained', action='store_true', help='start from the registered pretrained weights')
     g.add_argument('--initial-checkpoint', default='', help='start from these weights (our checkpoint or safetensors)')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate (models that take it)')
+    g.add_argument('--whiten-stem', action='store_true',
+                   help="the airbench method's first layer: set the stem to frozen patch-whitening filters computed "
+                        'from the first 5000 training images (models with init_whitening: aircnn_*)')
     g = p.add_argument_group('data')
     g.add_argument('--dataset', default='mnist', help='mnist, cifar10, cifar100, npz or imagefolder')
     g.add_argument('--data-dir', default=DEFAULT_DATA_DIR, help='root of the data (see titn_lib.data)')
@@ -36,6 +39,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument('--val-split', type=float, default=0.1, help='fraction of train held out for model selection')
     g.add_argument('--train-subset', type=int, default=0, help='use only the first N training images (0: all)')
     g.add_argument('--img-size', type=int, default=32)
+    g.add_argument('--crop-padding', type=int, default=4,
+                   help='random crop of RGB data: zero padding on each side in pixels, i.e. the largest shift')
     g.add_argument('--aa', default=None, help='AutoAugment policy: cifar10, imagenet, svhn, rand-*, none')
     g.add_argument('--reprob', type=float, default=0.0,
                    help="timm's random erasing: probability per image (not in the paper; 0: off)")

@@ -26,7 +26,7 @@ from torchvision import transforms as T
 from .constants import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, MNIST_MEAN, MNIST_STD
 
 __all__ = ['DatasetInfo', 'DATASETS', 'NpzDataset', 'build_dataset', 'train_val_indices', 'build_transforms',
-           'build_mixup', 'dataset_tensors', 'DeviceLoader']
+           'build_mixup', 'dataset_tensors', 'normalised_images', 'DeviceLoader']
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,8 @@ def build_mixup(mixup: float, cutmix: float, num_classes: int, smoothing: float 
                  label_smoothing=smoothing, num_classes=num_classes)
 
 
-def dataset_tensors(dataset) -> Tuple[torch.Tensor, torch.Tensor]:
+def dataset_tensors(dataset, needed_by: str = '--loader device (--loader workers reads any dataset)'
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(images uint8 [N, C, H, W], labels int64 [N])`` of an in-memory dataset: an :class:`NpzDataset`,
     torchvision's CIFAR / MNIST, or a ``Subset`` of one (what :class:`DeviceLoader` holds on the device)."""
     indices = None
@@ -226,8 +227,8 @@ def dataset_tensors(dataset) -> Tuple[torch.Tensor, torch.Tensor]:
     elif isinstance(getattr(dataset, 'data', None), (np.ndarray, torch.Tensor)):
         images, labels = dataset.data, dataset.targets
     else:
-        raise ValueError(f'{type(dataset).__name__} does not hold its images in memory; --loader device needs '
-                         f'an .npz split or torchvision\'s CIFAR / MNIST: use --loader workers for this dataset')
+        raise ValueError(f'{type(dataset).__name__} does not hold its images in memory; {needed_by} needs '
+                         f'an .npz split or torchvision\'s CIFAR / MNIST')
     images = torch.as_tensor(np.asarray(images))
     if images.ndim == 3:  # [N, H, W] grayscale
         images = images[..., None]
@@ -236,6 +237,22 @@ def dataset_tensors(dataset) -> Tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         images, labels = images[index], labels[index]
     return images.permute(0, 3, 1, 2).contiguous(), labels
+
+
+def resize_uint8(images: torch.Tensor, img_size: int) -> torch.Tensor:
+    """``T.Resize(img_size)`` (bilinear, antialiased) of a uint8 batch, when its size differs."""
+    if tuple(images.shape[-2:]) == (img_size, img_size):
+        return images
+    from torchvision.transforms.v2 import functional as TF
+    return TF.resize(images, [img_size, img_size], antialias=True)
+
+
+def normalised_images(dataset, count: int, mean: Sequence[float], std: Sequence[float], img_size: int,
+                      needed_by: str) -> torch.Tensor:
+    """The first ``count`` images of an in-memory ``dataset`` as the evaluation transform gives them (resized,
+    normalised; float32 [N, C, H, W]), for data-dependent initialisations."""
+    images = resize_uint8(dataset_tensors(dataset, needed_by)[0][:count], img_size).float() / 255
+    return (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, hflip: float) -> torch.Tensor:
@@ -320,11 +337,7 @@ class DeviceLoader:
             world_size: int = 1,
     ):
         images, self.labels = dataset_tensors(dataset)
-        images = images.to(device)
-        if tuple(images.shape[-2:]) != (img_size, img_size):  # T.Resize(img_size), bilinear
-            from torchvision.transforms.v2 import functional as TF
-            images = TF.resize(images, [img_size, img_size], antialias=True)
-        self.images, self.labels = images, self.labels.to(device)
+        self.images, self.labels = resize_uint8(images.to(device), img_size), self.labels.to(device)
         self.batch_size, self.device, self.kind, self.train = batch_size, device, kind, train
         self.policy = _device_policy(aa) if train else None
         self.aug_group, self.crop_padding, self.hflip = aug_group, crop_padding, hflip

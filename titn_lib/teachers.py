@@ -19,9 +19,10 @@ __all__ = ['AirCNN', 'adapt_to_small_input']
 
 
 class ConvGroup(nn.Module):
-    """conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU."""
+    """conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU; ``frozen_bn_scale``: the BN scales stay at
+    1 and only the shifts learn, as in the airbench method."""
 
-    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
+    def __init__(self, in_chs: int, out_chs: int, frozen_bn_scale: bool = False, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False, **dd)
@@ -30,6 +31,9 @@ class ConvGroup(nn.Module):
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
         self.bn2 = nn.BatchNorm2d(out_chs, **dd)
         self.act = nn.GELU()
+        if frozen_bn_scale:
+            self.bn1.weight.requires_grad_(False)
+            self.bn2.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.pool(self.conv1(x))))
@@ -37,7 +41,11 @@ class ConvGroup(nn.Module):
 
 
 class AirCNN(nn.Module):
-    """airbench-style CNN for 32x32 images: a 2x2 stem, three conv groups, global max-pool, scaled linear."""
+    """airbench-style CNN for 32x32 images: a 2x2 stem, three conv groups, global max-pool, scaled linear.
+
+    Of the airbench method's training (Jordan 2024, arXiv 2404.00498), the network carries two parts:
+    ``frozen_bn_scale`` and :meth:`init_whitening` (the frozen patch-whitening stem, ``titn train --whiten-stem``).
+    """
 
     def __init__(
             self,
@@ -48,6 +56,7 @@ class AirCNN(nn.Module):
             logit_scale: float = 1 / 9,
             drop_rate: float = 0.,
             global_pool: str = 'max',
+            frozen_bn_scale: bool = False,
             device=None,
             dtype=None,
     ):
@@ -60,11 +69,32 @@ class AirCNN(nn.Module):
         self.logit_scale = logit_scale
         self.stem = nn.Sequential(nn.Conv2d(in_chans, stem_width, 2, bias=True, **dd), nn.GELU())
         chs = [stem_width, *widths]
-        self.stages = nn.Sequential(*[ConvGroup(chs[i], chs[i + 1], **dd) for i in range(len(widths))])
+        self.stages = nn.Sequential(
+            *[ConvGroup(chs[i], chs[i + 1], frozen_bn_scale, **dd) for i in range(len(widths))])
         self.num_features = self.head_hidden_size = chs[-1]
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, bias=False, **dd) if num_classes > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """The airbench method's first layer: the stem's k x k filters become the eigenvectors of the second-moment
+        matrix of the k x k patches of ``images`` (normalised training images, [N, C, H, W]), each divided by
+        sqrt(eigenvalue + eps) and used with both signs, so that the stem outputs whitened patches before the
+        GELU. The filters are then frozen (their bias still learns); filters beyond 2 * C * k * k are zero."""
+        conv = self.stem[0]
+        chans, kh, kw = conv.weight.shape[1:]
+        n = chans * kh * kw
+        if conv.out_channels < 2 * n:
+            raise ValueError(f'a whitened {kh}x{kw} stem on {chans} channels needs {2 * n} filters, this model has '
+                             f'{conv.out_channels}: build it with stem_width={2 * n} or more')
+        patches = images.double().unfold(2, kh, 1).unfold(3, kw, 1)  # [N, C, H', W', kh, kw]
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, n)
+        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigenvectors.T / (eigenvalues.clamp_min(0) + eps).sqrt()[:, None]).reshape(n, chans, kh, kw)
+        conv.weight.zero_()
+        conv.weight[:2 * n] = torch.cat([filters, -filters]).to(conv.weight)
+        conv.weight.requires_grad_(False)
 
     def get_classifier(self) -> nn.Module:
         return self.head

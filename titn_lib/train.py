@@ -162,7 +162,7 @@ def dataset_info(args) -> data_lib.DatasetInfo:
 def build_data(args, info: data_lib.DatasetInfo):
     """``(train_set, val_set, test_set)``: val is carved from train; eval transforms on val and test."""
     train_tf = data_lib.build_transforms(args.dataset, args.img_size, info.mean, info.std, True, aa=args.aa,
-                                         re_prob=args.reprob, re_mode=args.remode)
+                                         crop_padding=args.crop_padding, re_prob=args.reprob, re_mode=args.remode)
     eval_tf = data_lib.build_transforms(args.dataset, args.img_size, info.mean, info.std, False)
     full_train = data_lib.build_dataset(args.dataset, args.data_dir, 'train', train_tf, download=args.download)
     full_val = data_lib.build_dataset(args.dataset, args.data_dir, 'train', eval_tf)
@@ -178,10 +178,20 @@ def build_data(args, info: data_lib.DatasetInfo):
     return data_lib.subset(full_train, train_idx), val_set, test_set
 
 
-def build_student(args, info: data_lib.DatasetInfo) -> nn.Module:
+WHITENING_IMAGES = 5000  # training images behind --whiten-stem's patch statistics, as in airbench
+
+
+def build_student(args, info: data_lib.DatasetInfo, train_set) -> nn.Module:
+    """The model to train, whitened (``--whiten-stem``) and then loaded from ``--initial-checkpoint``."""
     model = create_model(args.model, pretrained=args.pretrained, num_classes=info.num_classes,
                          in_chans=info.in_chans, img_size=args.img_size, drop_path_rate=args.drop_path,
                          **args.model_kwargs)
+    if args.whiten_stem:
+        if not hasattr(model, 'init_whitening'):
+            raise ValueError(f'--whiten-stem needs a model with a patch-whitening stem (init_whitening), such as '
+                             f'aircnn_wide_32; {args.model} has none: drop --whiten-stem')
+        model.init_whitening(data_lib.normalised_images(train_set, WHITENING_IMAGES, info.mean, info.std,
+                                                        args.img_size, needed_by='--whiten-stem'))
     if args.initial_checkpoint:
         load_model_state(model, args.initial_checkpoint, what='initial checkpoint')
     return model
@@ -239,8 +249,9 @@ def build_loaders(args, info: data_lib.DatasetInfo, train_set, val_set, device, 
     if args.loader == 'device':
         common = dict(mean=info.mean, std=info.std, img_size=args.img_size, device=device, kind=args.dataset)
         train_loader = data_lib.DeviceLoader(train_set, args.batch_size, train=True, aa=args.aa,
-                                             aug_group=args.aug_group, re_prob=args.reprob, re_mode=args.remode,
-                                             rank=rank, world_size=world_size, **common)
+                                             aug_group=args.aug_group, crop_padding=args.crop_padding,
+                                             re_prob=args.reprob, re_mode=args.remode, rank=rank,
+                                             world_size=world_size, **common)
         eval_loader = None if val_set is None else data_lib.DeviceLoader(val_set, max(256, args.batch_size), **common)
         return (lambda epoch: train_loader), eval_loader
 
@@ -412,7 +423,7 @@ def run(args) -> Dict:
     info = dataset_info(args)
     train_set, val_set, test_set = build_data(args, info)
     seed_everything(args.seed)
-    model = build_student(args, info)
+    model = build_student(args, info, train_set)
     teacher = build_teacher(args, info, device)
     distilling = teacher is not None and args.distillation != 'none'
     if distilling:
