@@ -250,19 +250,21 @@ def test_initial_checkpoint_pretrained_and_clip_grad(tiny_npz, tmp_path):
     assert any(total > 1e-4 for total, _ in norms)  # the clip was active
 
 
-def test_whiten_stem_and_crop_padding(tiny_npz, tmp_path, monkeypatch):
+def test_whiten_stem_freeze_bn_scale_and_crop_padding(tiny_npz, tmp_path, monkeypatch):
     """--whiten-stem: the stem starts as the whitening of the training images and stays frozen while the rest
-    trains; --crop-padding reaches both loaders; a model without a whitening stem is refused before training."""
+    trains; --freeze-bn-scale: the optimiser never sees a batch-norm scale; --crop-padding reaches both loaders;
+    a model without a whitening stem or batch norm is refused before training."""
     from timm import create_model
+    from timm.optim import create_optimizer_v2
     from torchvision import transforms as T
     from titn_lib import data as data_lib
-    from titn_lib.train import build_data, dataset_info
+    from titn_lib.train import build_data, dataset_info, freeze_batchnorm_scales
     shifts = []
     crop_flip = data_lib.random_crop_flip
     monkeypatch.setattr(data_lib, 'random_crop_flip',
                         lambda x, padding, hflip: shifts.append(padding) or crop_flip(x, padding, hflip))
     args = parse_args(tiny_args(tiny_npz, tmp_path / 'o', '--model', 'aircnn_32', '--model-kwargs',
-                                'widths=(8,16,16)', 'frozen_bn_scale=True', '--whiten-stem', '--crop-padding', '2',
+                                'widths=(8,16,16)', '--whiten-stem', '--freeze-bn-scale', '--crop-padding', '2',
                                 '--loader', 'device', '--epochs', '1', '--no-test', '--threads', '1'))
     info = dataset_info(args)
     train_set = build_data(args, info)[0]
@@ -275,5 +277,14 @@ def test_whiten_stem_and_crop_padding(tiny_npz, tmp_path, monkeypatch):
     assert torch.equal(trained['stem.0.weight'], start.stem[0].weight)
     assert not torch.equal(trained['stages.0.conv1.weight'], start.stages[0].conv1.weight)
     assert (trained['stages.0.bn1.weight'] == 1).all() and trained['stages.0.bn1.bias'].any()
+
+    assert freeze_batchnorm_scales(start) == 6
+    optimizer = create_optimizer_v2(start, opt='sgd', lr=0.1, weight_decay=5e-4)
+    assert sum(p.numel() for g in optimizer.param_groups for p in g['params']) == sum(
+        p.numel() for p in start.parameters() if p.requires_grad)
+    assert {n for n, p in start.named_parameters() if not p.requires_grad} == {'stem.0.weight'} | {
+        f'stages.{i}.bn{j}.weight' for i in range(3) for j in (1, 2)}
     with pytest.raises(ValueError, match='--whiten-stem needs a model with a patch-whitening stem'):
         run(parse_args(tiny_args(tiny_npz, tmp_path / 'x', '--whiten-stem')))
+    with pytest.raises(ValueError, match='--freeze-bn-scale: titn_tiny_patch8_32 has no batch-norm'):
+        run(parse_args(tiny_args(tiny_npz, tmp_path / 'x', '--freeze-bn-scale')))

@@ -31,6 +31,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument('--whiten-stem', action='store_true',
                    help="the airbench method's first layer: set the stem to frozen patch-whitening filters computed "
                         'from the first 5000 training images (models with init_whitening: aircnn_*)')
+    g.add_argument('--freeze-bn-scale', action='store_true',
+                   help='keep every batch-norm scale at its starting value so that only the shifts learn (airbench)')
     g = p.add_argument_group('data')
     g.add_argument('--dataset', default='mnist', help='mnist, cifar10, cifar100, npz or imagefolder')
     g.add_argument('--data-dir', default=DEFAULT_DATA_DIR, help='root of the data (see titn_lib.data)')

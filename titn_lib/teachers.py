@@ -19,10 +19,9 @@ __all__ = ['AirCNN', 'adapt_to_small_input']
 
 
 class ConvGroup(nn.Module):
-    """conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU; ``frozen_bn_scale``: the BN scales stay at
-    1 and only the shifts learn, as in the airbench method."""
+    """conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU."""
 
-    def __init__(self, in_chs: int, out_chs: int, frozen_bn_scale: bool = False, device=None, dtype=None):
+    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False, **dd)
@@ -31,9 +30,6 @@ class ConvGroup(nn.Module):
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
         self.bn2 = nn.BatchNorm2d(out_chs, **dd)
         self.act = nn.GELU()
-        if frozen_bn_scale:
-            self.bn1.weight.requires_grad_(False)
-            self.bn2.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.pool(self.conv1(x))))
@@ -42,10 +38,7 @@ class ConvGroup(nn.Module):
 
 class AirCNN(nn.Module):
     """airbench-style CNN for 32x32 images: a 2x2 stem, three conv groups, global max-pool, scaled linear.
-
-    Of the airbench method's training (Jordan 2024, arXiv 2404.00498), the network carries two parts:
-    ``frozen_bn_scale`` and :meth:`init_whitening` (the frozen patch-whitening stem, ``titn train --whiten-stem``).
-    """
+    :meth:`init_whitening` gives it the airbench method's first layer (Jordan 2024, arXiv 2404.00498)."""
 
     def __init__(
             self,
@@ -56,7 +49,6 @@ class AirCNN(nn.Module):
             logit_scale: float = 1 / 9,
             drop_rate: float = 0.,
             global_pool: str = 'max',
-            frozen_bn_scale: bool = False,
             device=None,
             dtype=None,
     ):
@@ -69,8 +61,7 @@ class AirCNN(nn.Module):
         self.logit_scale = logit_scale
         self.stem = nn.Sequential(nn.Conv2d(in_chans, stem_width, 2, bias=True, **dd), nn.GELU())
         chs = [stem_width, *widths]
-        self.stages = nn.Sequential(
-            *[ConvGroup(chs[i], chs[i + 1], frozen_bn_scale, **dd) for i in range(len(widths))])
+        self.stages = nn.Sequential(*[ConvGroup(chs[i], chs[i + 1], **dd) for i in range(len(widths))])
         self.num_features = self.head_hidden_size = chs[-1]
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head_drop = nn.Dropout(drop_rate)

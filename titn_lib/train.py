@@ -181,8 +181,18 @@ def build_data(args, info: data_lib.DatasetInfo):
 WHITENING_IMAGES = 5000  # training images behind --whiten-stem's patch statistics, as in airbench
 
 
+def freeze_batchnorm_scales(model: nn.Module) -> int:
+    """Keep every batch-norm scale at its starting value (1 from scratch) so that only the shifts learn, as the
+    airbench method does (``--freeze-bn-scale``); returns the number of layers frozen."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+    for layer in layers:
+        layer.weight.requires_grad_(False)
+    return len(layers)
+
+
 def build_student(args, info: data_lib.DatasetInfo, train_set) -> nn.Module:
-    """The model to train, whitened (``--whiten-stem``) and then loaded from ``--initial-checkpoint``."""
+    """The model to train: whitened (``--whiten-stem``), its batch-norm scales frozen (``--freeze-bn-scale``: at
+    the values ``--initial-checkpoint`` then loads, if given), before the optimiser sees it."""
     model = create_model(args.model, pretrained=args.pretrained, num_classes=info.num_classes,
                          in_chans=info.in_chans, img_size=args.img_size, drop_path_rate=args.drop_path,
                          **args.model_kwargs)
@@ -192,6 +202,8 @@ def build_student(args, info: data_lib.DatasetInfo, train_set) -> nn.Module:
                              f'aircnn_wide_32; {args.model} has none: drop --whiten-stem')
         model.init_whitening(data_lib.normalised_images(train_set, WHITENING_IMAGES, info.mean, info.std,
                                                         args.img_size, needed_by='--whiten-stem'))
+    if args.freeze_bn_scale and not freeze_batchnorm_scales(model):
+        raise ValueError(f'--freeze-bn-scale: {args.model} has no batch-norm layers with a scale; drop the flag')
     if args.initial_checkpoint:
         load_model_state(model, args.initial_checkpoint, what='initial checkpoint')
     return model
