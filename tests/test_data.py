@@ -113,6 +113,20 @@ def test_device_loader_eval_batches_equal_the_pil_pipeline(tmp_path):
     assert torch.cat([y for _, y in batches]).tolist() == ds.targets
 
 
+def test_normalised_images_are_the_first_images_of_a_subset_as_evaluated(tmp_path):
+    """The images behind --whiten-stem: a subset's first ``count`` images through the evaluation transform."""
+    from titn_lib.data import normalised_images, subset
+    make_npz_split(tmp_path / 'train.npz', 12, channels=1, size=28)
+    mean, std = (0.1307,), (0.3081,)
+    ds = NpzDataset(str(tmp_path / 'train.npz'), build_transforms('mnist', 32, mean, std, is_training=False))
+    images = normalised_images(subset(ds, [7, 2, 9, 4]), 3, mean, std, 32, needed_by='--whiten-stem')
+    expected = torch.stack([ds[i][0] for i in (7, 2, 9)])
+    assert images.shape == expected.shape and (images - expected).abs().max() <= 1.01 / 255 / std[0]
+    assert normalised_images(ds, 50, mean, std, 32, needed_by='--whiten-stem').shape == (12, 1, 32, 32)
+    with pytest.raises(ValueError, match='--whiten-stem needs an .npz split'):
+        normalised_images(list(ds), 3, mean, std, 32, needed_by='--whiten-stem')
+
+
 def test_device_loader_training_batches(tmp_path):
     from titn_lib.data import DeviceLoader, dataset_tensors, subset
     make_npz_split(tmp_path / 'train.npz', 40)

@@ -215,8 +215,11 @@ def build_mixup(mixup: float, cutmix: float, num_classes: int, smoothing: float 
                  label_smoothing=smoothing, num_classes=num_classes)
 
 
-def dataset_tensors(dataset, needed_by: str = '--loader device (--loader workers reads any dataset)'
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+# who needs an in-memory dataset, in the error for one that is not
+DEVICE_LOADER_NEEDS = '--loader device (--loader workers reads any dataset)'
+
+
+def dataset_tensors(dataset, needed_by: str = DEVICE_LOADER_NEEDS) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(images uint8 [N, C, H, W], labels int64 [N])`` of an in-memory dataset: an :class:`NpzDataset`,
     torchvision's CIFAR / MNIST, or a ``Subset`` of one (what :class:`DeviceLoader` holds on the device)."""
     indices = None
@@ -251,8 +254,12 @@ def normalised_images(dataset, count: int, mean: Sequence[float], std: Sequence[
                       needed_by: str) -> torch.Tensor:
     """The first ``count`` images of an in-memory ``dataset`` as the evaluation transform gives them (resized,
     normalised; float32 [N, C, H, W]), for data-dependent initialisations."""
-    images = resize_uint8(dataset_tensors(dataset, needed_by)[0][:count], img_size).float() / 255
-    return (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    if isinstance(dataset, Subset):
+        head = Subset(dataset.dataset, dataset.indices[:count])
+    else:
+        head = Subset(dataset, range(min(count, len(dataset))))
+    loader = DeviceLoader(head, count, mean, std, img_size, torch.device('cpu'), needed_by=needed_by)
+    return next(iter(loader))[0]
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, hflip: float) -> torch.Tensor:
@@ -314,6 +321,7 @@ class DeviceLoader:
     RandAugment policy (``aa``) is drawn once per group of ``aug_group`` images; timm's random erasing
     (``re_prob``) is drawn per image on the normalised batch. Randomness comes from torch's and Python's global
     generators, so seeding them at an epoch start fixes that epoch. Yields normalised float batches.
+    ``needed_by`` names the caller in the error for a dataset that is not held in memory.
     """
 
     def __init__(
@@ -335,8 +343,9 @@ class DeviceLoader:
             re_mode: str = 'pixel',
             rank: int = 0,
             world_size: int = 1,
+            needed_by: str = DEVICE_LOADER_NEEDS,
     ):
-        images, self.labels = dataset_tensors(dataset)
+        images, self.labels = dataset_tensors(dataset, needed_by)
         self.images, self.labels = resize_uint8(images.to(device), img_size), self.labels.to(device)
         self.batch_size, self.device, self.kind, self.train = batch_size, device, kind, train
         self.policy = _device_policy(aa) if train else None
