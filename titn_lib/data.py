@@ -221,10 +221,12 @@ DEVICE_LOADER_NEEDS = '--loader device (--loader workers reads any dataset)'
 
 def dataset_tensors(dataset, needed_by: str = DEVICE_LOADER_NEEDS) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(images uint8 [N, C, H, W], labels int64 [N])`` of an in-memory dataset: an :class:`NpzDataset`,
-    torchvision's CIFAR / MNIST, or a ``Subset`` of one (what :class:`DeviceLoader` holds on the device)."""
-    indices = None
-    if isinstance(dataset, Subset):
-        indices, dataset = dataset.indices, dataset.dataset
+    torchvision's CIFAR / MNIST, or a ``Subset`` of one, at any depth (what :class:`DeviceLoader` holds on the
+    device)."""
+    indices = None  # into the innermost dataset
+    while isinstance(dataset, Subset):
+        index = np.asarray(dataset.indices, dtype=np.int64)
+        indices, dataset = (index if indices is None else index[indices]), dataset.dataset
     if isinstance(dataset, NpzDataset):
         images, labels = dataset.images, dataset.labels
     elif isinstance(getattr(dataset, 'data', None), (np.ndarray, torch.Tensor)):
@@ -237,7 +239,7 @@ def dataset_tensors(dataset, needed_by: str = DEVICE_LOADER_NEEDS) -> Tuple[torc
         images = images[..., None]
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     if indices is not None:
-        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        index = torch.from_numpy(indices)
         images, labels = images[index], labels[index]
     return images.permute(0, 3, 1, 2).contiguous(), labels
 
@@ -254,10 +256,7 @@ def normalised_images(dataset, count: int, mean: Sequence[float], std: Sequence[
                       needed_by: str) -> torch.Tensor:
     """The first ``count`` images of an in-memory ``dataset`` as the evaluation transform gives them (resized,
     normalised; float32 [N, C, H, W]), for data-dependent initialisations."""
-    if isinstance(dataset, Subset):
-        head = Subset(dataset.dataset, dataset.indices[:count])
-    else:
-        head = Subset(dataset, range(min(count, len(dataset))))
+    head = Subset(dataset, range(min(count, len(dataset))))
     loader = DeviceLoader(head, count, mean, std, img_size, torch.device('cpu'), needed_by=needed_by)
     return next(iter(loader))[0]
 
