@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from titn_lib.cli import parse_train_args as parse_args
-from titn_lib.train import run
+from titn_lib.train import log_line, run
 
 from conftest import REPO_ROOT
 
@@ -46,6 +46,12 @@ def test_teacher_then_distilled_student(learnable_npz, tmp_path):
     for name in ('last.pth', 'best.pth', 'curves.png', 'summary.json'):
         assert (tmp_path / 'student' / name).is_file()
     assert (tmp_path / 'student' / 'curves.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_log_line_keeps_small_learning_rates():
+    """The epoch's log line keeps 4 significant digits: a late learning rate is not rounded to a wrong 1e-4."""
+    line = json.loads(log_line(dict(epoch=36, lr=0.00014544903, val_top1=84.84, epoch_time_s=942.83882)))
+    assert line == dict(epoch=36, lr=0.0001454, val_top1=84.84, epoch_time_s=942.8)
 
 
 @pytest.mark.slow

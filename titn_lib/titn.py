@@ -10,9 +10,9 @@ from typing import List, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import calculate_drop_path_rates, resample_abs_pos_embed, trunc_normal_
-from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, checkpoint, clean_state_dict, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -22,7 +22,6 @@ from .hub import PretrainedWeightsError, explain_load_error
 from .layers import InnerBlock, OuterBlock, PixelEmbed, PixelToPatch, classifier_pair, distilled_logits
 
 __all__ = ['TITN', 'Block']
-
 
 
 class Block(nn.Module):

@@ -91,6 +91,12 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def log_line(record: Dict) -> str:
+    """``record`` as one JSON line with floats at 4 significant digits (a learning rate of 1.45e-4 stays 0.000145
+    rather than rounding to 0.0001)."""
+    return json.dumps({k: float(f'{v:.4g}') if isinstance(v, float) else v for k, v in record.items()})
+
+
 def write_metrics(output: str, history: List[Dict]) -> None:
     """``metrics.jsonl``: one line per epoch."""
     text = ''.join(json.dumps(h) + '\n' for h in history).encode()
@@ -550,7 +556,7 @@ def run(args) -> Dict:
                 write_history(args.output, history)
             else:
                 write_metrics(args.output, history)
-            _logger.info(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+            _logger.info(log_line(record))
         if world_size > 1:
             dist.barrier()
 
@@ -561,8 +567,7 @@ def run(args) -> Dict:
         summary['train_time_s'] = sum(h['epoch_time_s'] for h in history)
         with open(os.path.join(args.output, 'summary.json'), 'w') as f:
             json.dump(summary, f, indent=2)
-        _logger.info(f'test (best validation epoch {summary["test"]["best_epoch"]}): ' + json.dumps(
-            {k: round(v, 4) for k, v in summary['test'].items()}))
+        _logger.info(f'test (best validation epoch {summary["test"]["best_epoch"]}): {log_line(summary["test"])}')
     if world_size > 1:
         dist.destroy_process_group()
     return summary
