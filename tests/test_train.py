@@ -194,6 +194,32 @@ def test_device_loader_time_budget_and_weight_average(tiny_npz, tmp_path):
         run(parse_args(tiny_args(tiny_npz, tmp_path / 'x', '--time-budget', '1')))
 
 
+def test_mixup_off_epoch_leaves_the_last_epochs_unmixed(tiny_npz, tmp_path, monkeypatch):
+    """--mixup-off-epoch 2: CutMix mixes the targets of epochs 1 and 2 and none of epoch 3, which a resumed run
+    reaches; the flag without MixUp or CutMix is refused before training."""
+    from titn_lib import train as train_lib
+    mixed = []  # per epoch: whether any batch's targets mixed two classes
+    real = train_lib.train_one_epoch
+
+    def recording(model, loader, criterion, optimizer, scheduler, epoch, cfg, scaler=None, mixup=None, ema=None):
+        batches = []
+
+        def mix(images, targets):
+            images, targets = mixup(images, targets)
+            batches.append(bool((targets.max(dim=1).values < 1).any()))
+            return images, targets
+        metrics = real(model, loader, criterion, optimizer, scheduler, epoch, cfg, scaler, mix, ema)
+        mixed.append(any(batches))
+        return metrics
+    monkeypatch.setattr(train_lib, 'train_one_epoch', recording)
+    common = ('--cutmix', '1.0', '--mixup-off-epoch', '2', '--no-test', '--threads', '1')
+    run(parse_args(tiny_args(tiny_npz, tmp_path / 'o', *common, '--epochs', '2')))
+    run(parse_args(tiny_args(tiny_npz, tmp_path / 'o', *common, '--epochs', '3', '--resume', 'auto')))
+    assert mixed == [True, True, False]
+    with pytest.raises(ValueError, match='neither is on'):
+        run(parse_args(tiny_args(tiny_npz, tmp_path / 'x', '--mixup-off-epoch', '2')))
+
+
 def test_teacher_amp_runs_the_teacher_in_bf16():
     from timm import create_model
     from titn_lib.train import AutocastTeacher

@@ -51,6 +51,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup', type=float, default=0.0, help='MixUp alpha (0: off)')
     g.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (the paper: 0.5)')
     g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-off-epoch', type=int, default=0,
+                   help="timm's switch: MixUp / CutMix stop after this many epochs, so the last ones see whole "
+                        'images (0: never)')
     g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
     g.add_argument('--workers', '-j', type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
                    help='data loader processes (default leaves a core to the model on small machines)')

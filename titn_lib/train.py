@@ -434,6 +434,9 @@ def run(args) -> Dict:
     if args.time_budget and args.warmup_epochs < 1:
         raise ValueError('--time-budget picks the epoch count during warm-up, where the learning rate does not '
                          'depend on it: add --warmup-epochs 1 (or more)')
+    if args.mixup_off_epoch and not (args.mixup or args.cutmix):
+        raise ValueError(f'--mixup-off-epoch {args.mixup_off_epoch} stops MixUp / CutMix, but neither is on: add '
+                         f'--cutmix or --mixup, or drop the flag')
     device, rank, world_size = setup_distributed(args)
     is_main = rank == 0
 
@@ -510,6 +513,8 @@ def run(args) -> Dict:
     epoch, loop_start = start_epoch, time.time()
     while epoch < args.epochs:
         seed_everything(args.seed * 1000 + epoch)
+        if mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            mixup.mixup_enabled = False  # whole images (targets still smoothed) from here on, as in timm's train.py
         start = time.time()
         metrics = train_one_epoch(model, loader_for_epoch(epoch), criterion, optimizer, scheduler, epoch, cfg,
                                   scaler, mixup, ema)
