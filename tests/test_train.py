@@ -216,6 +216,15 @@ def test_mixup_off_epoch_leaves_the_last_epochs_unmixed(tiny_npz, tmp_path, monk
     run(parse_args(tiny_args(tiny_npz, tmp_path / 'o', *common, '--epochs', '2')))
     run(parse_args(tiny_args(tiny_npz, tmp_path / 'o', *common, '--epochs', '3', '--resume', 'auto')))
     assert mixed == [True, True, False]
+
+    # --time-budget fixing 4 of 8 epochs after epoch 2 scales --mixup-off-epoch 6 to 3 (kept in last.pth)
+    mixed.clear()
+    monkeypatch.setattr(train_lib, 'fit_epochs_to_budget', lambda *a: 4)
+    budget = ('--cutmix', '1.0', '--mixup-off-epoch', '6', '--time-budget', '1', '--warmup-epochs', '2', '--no-test',
+              '--threads', '1', '--epochs', '8')
+    run(parse_args(tiny_args(tiny_npz, tmp_path / 'b', *budget, '--save-every', '3')))
+    kept = torch.load(tmp_path / 'b' / 'last.pth', weights_only=True)['args']
+    assert (kept['epochs'], kept['mixup_off_epoch']) == (4, 3) and mixed == [True, True, True, False]
     with pytest.raises(ValueError, match='neither is on'):
         run(parse_args(tiny_args(tiny_npz, tmp_path / 'x', '--mixup-off-epoch', '2')))
 

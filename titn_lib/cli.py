@@ -53,7 +53,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup-prob', type=float, default=1.0)
     g.add_argument('--mixup-off-epoch', type=int, default=0,
                    help="timm's switch: MixUp / CutMix stop after this many epochs, so the last ones see whole "
-                        'images (0: never)')
+                        'images (0: never); --time-budget scales it with --epochs')
     g.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
     g.add_argument('--workers', '-j', type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
                    help='data loader processes (default leaves a core to the model on small machines)')
@@ -79,7 +79,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-ema-decay', type=float, default=0.999, help='per optimizer step')
     g.add_argument('--time-budget', type=float, default=0,
                    help='minutes for all epochs: at the end of warm-up epoch 2 (or 1) --epochs is lowered to what '
-                        'fits, so the schedule equals a run started with that --epochs (needs --warmup-epochs >= 1)')
+                        'fits (and --mixup-off-epoch in proportion), so the schedule equals a run started with '
+                        'those values (needs --warmup-epochs >= 1)')
     g = p.add_argument_group('distillation (§3.5)')
     g.add_argument('--teacher', default='', help='teacher model name (timm); a tagged name such as '
                    'aircnn_wide_32.cifar10 loads its published weights')

@@ -490,6 +490,7 @@ def run(args) -> Dict:
         best.restore()
         if budget_epoch and start_epoch >= budget_epoch:  # the budget already fixed the epoch count
             args.epochs = state['args']['epochs']
+            args.mixup_off_epoch = state['args'].get('mixup_off_epoch', args.mixup_off_epoch)
             scheduler = make_scheduler()
         # the schedule is a pure function of the flags and the step, so --epochs may grow on resume
         scheduler.step_update(num_updates=start_epoch * steps_per_epoch)
@@ -543,9 +544,12 @@ def run(args) -> Dict:
                 count = torch.tensor([fitted], device=device if device.type == 'cuda' else 'cpu')
                 dist.broadcast(count, 0)
                 fitted = int(count.item())
+            if fitted != args.epochs and args.mixup_off_epoch:  # MixUp / CutMix keep their share of the epochs
+                args.mixup_off_epoch = max(epoch + 1, round(args.mixup_off_epoch * fitted / args.epochs))
             if is_main:
                 _logger.info(f'--time-budget {args.time_budget} min: {fitted} epochs fit (epoch {epoch} took '
-                             f'{time.time() - start:.1f} s); the run now equals one started with --epochs {fitted}')
+                             f'{time.time() - start:.1f} s); the run now equals one started with --epochs {fitted}'
+                             + (f' --mixup-off-epoch {args.mixup_off_epoch}' if args.mixup_off_epoch else ''))
             if fitted != args.epochs:
                 args.epochs = fitted
                 scheduler = make_scheduler()
