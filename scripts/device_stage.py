@@ -69,10 +69,11 @@ def pack(args) -> None:
         Image.fromarray(_to_sheet(block)).save(path, **options)
         if lossy:
             rebuilt.append(_read_sheet(path, block.shape)[:len(block)])
-    manifest = dict(dataset=args.dataset, label_values=labels.tolist(), label_dtype=str(labels.dtype), sheets=len(sheets),
-                    format=ext, **_digest(images, labels))
+    manifest = dict(dataset=args.dataset, label_values=labels.tolist(), label_dtype=str(labels.dtype),
+                    sheets=len(sheets), format=ext, **_digest(images, labels))
     if lossy:
-        manifest['lossy'] = dict(jpeg_quality=args.jpeg_quality, psnr_db=round(_psnr(np.concatenate(rebuilt), images), 2))
+        psnr = round(_psnr(np.concatenate(rebuilt), images), 2)
+        manifest['lossy'] = dict(jpeg_quality=args.jpeg_quality, psnr_db=psnr)
         print(f'{args.dataset}: JPEG quality {args.jpeg_quality}, 4:4:4: PSNR {manifest["lossy"]["psnr_db"]} dB')
     with open(os.path.join(args.out, f'part{args.parts - 1}', f'{args.dataset}_manifest.json'), 'w') as f:
         json.dump(manifest, f)
