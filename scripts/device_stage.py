@@ -74,7 +74,7 @@ def pack(args) -> None:
     if lossy:
         psnr = round(_psnr(np.concatenate(rebuilt), images), 2)
         manifest['lossy'] = dict(jpeg_quality=args.jpeg_quality, psnr_db=psnr)
-        print(f'{args.dataset}: JPEG quality {args.jpeg_quality}, 4:4:4: PSNR {manifest["lossy"]["psnr_db"]} dB')
+        print(f'{args.dataset}: JPEG quality {args.jpeg_quality}, 4:4:4: PSNR {psnr} dB')
     with open(os.path.join(args.out, f'part{args.parts - 1}', f'{args.dataset}_manifest.json'), 'w') as f:
         json.dump(manifest, f)
     for part in range(args.parts):

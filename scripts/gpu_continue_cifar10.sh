@@ -3,7 +3,11 @@
 # student with recipes/cifar10_titn_gpu_cont.yaml, then time the CUDA rows of benchmarks/throughput.py and profile
 # one training step. Needs .stage/ (carried) made here by
 #   python scripts/device_stage.py pack --parts 1 --jpeg-quality 95 --out .stage
-# plus the published student and teacher weights in float16 (.stage/student_fp16.safetensors, teacher_fp16...).
+# plus the published student and teacher weights in float16, written by
+#   python -c "import sys; from safetensors.torch import load_file, save_file
+#   save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(sys.argv[1]).items()}, sys.argv[2])" \
+#     weights/titn_tiny_patch8_32.cifar10/model.safetensors .stage/student_fp16.safetensors
+# and the same for weights/aircnn_wide_32.cifar10/model.safetensors -> .stage/teacher_fp16.safetensors.
 # Results land in $OUT: train.log, metrics.jsonl, best.pth in parts of at most 15 MiB (cat best.pth.* > best.pth).
 # BUDGET (minutes of training) and EXTRA (more train flags, e.g. a CPU dry run) may be set in the environment.
 set -u

@@ -61,8 +61,7 @@ def main() -> None:
             teacher(x)
 
     whole = timed_ms(step, device, args.steps)
-    student = timed_ms(lambda: step(alone, teacher_logits=teacher_logits),
-                       device, args.steps)
+    student = timed_ms(lambda: step(alone, teacher_logits=teacher_logits), device, args.steps)
     teacher_ms = timed_ms(teacher_forward, device, args.steps)
     print(f'{device} batch {args.batch_size}, bf16 autocast, eager: whole step {whole:.1f} ms '
           f'({args.batch_size / whole * 1e3:.0f} img/s); student step alone {student:.1f} ms; '

@@ -544,17 +544,17 @@ def run(args) -> Dict:
                 count = torch.tensor([fitted], device=device if device.type == 'cuda' else 'cpu')
                 dist.broadcast(count, 0)
                 fitted = int(count.item())
-            if fitted != args.epochs and args.mixup_off_epoch:  # MixUp / CutMix keep their share of the epochs
-                args.mixup_off_epoch = max(epoch + 1, round(args.mixup_off_epoch * fitted / args.epochs))
-            if is_main:
-                _logger.info(f'--time-budget {args.time_budget} min: {fitted} epochs fit (epoch {epoch} took '
-                             f'{time.time() - start:.1f} s); the run now equals one started with --epochs {fitted}'
-                             + (f' --mixup-off-epoch {args.mixup_off_epoch}' if args.mixup_off_epoch else ''))
             if fitted != args.epochs:
+                if args.mixup_off_epoch:  # MixUp / CutMix keep their share of the epochs
+                    args.mixup_off_epoch = max(epoch + 1, round(args.mixup_off_epoch * fitted / args.epochs))
                 args.epochs = fitted
                 scheduler = make_scheduler()
                 scheduler.step_update(num_updates=epoch * steps_per_epoch)
                 record['lr'] = optimizer.param_groups[0]['lr']  # the next step's, as in every record
+            if is_main:
+                _logger.info(f'--time-budget {args.time_budget} min: {fitted} epochs fit (epoch {epoch} took '
+                             f'{time.time() - start:.1f} s); the run now equals one started with --epochs {fitted}'
+                             + (f' --mixup-off-epoch {args.mixup_off_epoch}' if args.mixup_off_epoch else ''))
         if is_main:
             if epoch % args.save_every == 0 or epoch == args.epochs:
                 best.save()
