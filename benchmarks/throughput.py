@@ -93,20 +93,22 @@ class Runner:
 
 
 def training_memory_mb(make: Callable, x: torch.Tensor) -> float:
-    """Parameters + gradients + SGD momentum + the activations saved for backward, in MB (exact on CPU)."""
+    """Parameters + gradients + SGD momentum + the activations saved for backward, in MB: exact on CPU; on CUDA the
+    peak allocated over two steps, less what was allocated before the model was built (other models, the input)."""
+    base = torch.cuda.memory_allocated(x.device) if x.device.type == 'cuda' else 0
     model = make().to(x.device).train()
     if hasattr(model, 'set_distilled_training'):
         model.set_distilled_training(True)
     if x.device.type == 'cuda':
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         for _ in range(2):
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(x.device)
             with torch.autocast('cuda', dtype=torch.bfloat16):
                 loss = _loss(model(x))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        return torch.cuda.max_memory_allocated() / 2**20
+        return (torch.cuda.max_memory_allocated(x.device) - base) / 2**20
     seen, saved = set(), [0]
 
     def pack(t):

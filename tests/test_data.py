@@ -188,3 +188,27 @@ def test_random_crop_flip_and_affine():
     assert torch.allclose(same, x.float())
     moved = random_affine_jitter(x.float().repeat(8, 1, 1, 1), 10, 0.1, (0.9, 1.1), 0.2, 0.2)
     assert moved.shape == (16, 1, 4, 4) and 0 <= moved.min() and moved.max() <= 255
+
+
+def test_mnist_crop_augmentation_only_shifts(tmp_path):
+    """mnist_aug='crop': every training image is a 32x32 window of its 2-pixel zero-padded original, on both
+    loaders; 'paper' adds rotation, affine and jitter; anything else is refused."""
+    from titn_lib.data import DeviceLoader
+    make_npz_split(tmp_path / 'train.npz', 16, channels=1, size=32)
+    mean, std = (0.0,), (1 / 255,)  # normalised values stay grey levels
+    ds = NpzDataset(str(tmp_path / 'train.npz'))
+    originals = torch.nn.functional.pad(torch.from_numpy(ds.images).view(16, 1, 32, 32).float(), (2,) * 4)
+    torch.manual_seed(0)
+    crop = DeviceLoader(ds, 16, mean, std, 32, torch.device('cpu'), kind='mnist', train=True, mnist_aug='crop')
+    paper = DeviceLoader(ds, 16, mean, std, 32, torch.device('cpu'), kind='mnist', train=True)
+    (x, y), = list(crop)
+    (x_paper, y_paper), = list(paper)
+    for image, label in zip(x, y):
+        candidates = [i for i in range(16) if ds.targets[i] == label]
+        windows = [originals[i, 0].unfold(0, 32, 1).unfold(1, 32, 1).reshape(-1, 32, 32) for i in candidates]
+        assert any(torch.equal(w, image[0]) for ws in windows for w in ws)
+    assert not torch.equal(x_paper, x_paper.round())  # interpolated: not a plain shift
+    tf = build_transforms('mnist', 32, mean, std, is_training=True, mnist_aug='crop')
+    assert [type(t).__name__ for t in tf.transforms] == ['Resize', 'RandomCrop', 'ToTensor', 'Normalize']
+    with pytest.raises(ValueError, match="mnist_aug must be 'paper' or 'crop'"):
+        DeviceLoader(ds, 16, mean, std, 32, torch.device('cpu'), kind='mnist', train=True, mnist_aug='light')

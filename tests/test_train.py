@@ -329,3 +329,21 @@ def test_whiten_stem_freeze_bn_scale_and_crop_padding(tiny_npz, tmp_path, monkey
         run(parse_args(tiny_args(tiny_npz, tmp_path / 'x', '--whiten-stem')))
     with pytest.raises(ValueError, match='--freeze-bn-scale: titn_tiny_patch8_32 has no batch-norm'):
         run(parse_args(tiny_args(tiny_npz, tmp_path / 'x', '--freeze-bn-scale')))
+
+
+@pytest.mark.parametrize('mnist_aug', ['paper', 'crop'])
+def test_mnist_aug_reaches_both_loaders(tmp_path, mnist_aug):
+    """--mnist-aug picks the MNIST training augmentation of the PIL pipeline and of the device loader alike."""
+    from torchvision import transforms as T
+    from titn_lib.train import build_data, build_loaders, dataset_info
+    from conftest import make_npz_split
+    (tmp_path / 'mnist').mkdir()
+    make_npz_split(tmp_path / 'mnist' / 'train.npz', 20, num_classes=10, size=28, channels=1)
+    args = parse_args(['--dataset', 'mnist', '--data-dir', str(tmp_path), '--output', str(tmp_path / 'o'),
+                       '--mnist-aug', mnist_aug, '--loader', 'device', '--val-split', '0.5', '--no-test', *TINY_MODEL])
+    info = dataset_info(args)
+    train_set, val_set = build_data(args, info)[:2]
+    kinds = {type(t) for t in train_set.dataset.transform.transforms}
+    assert (T.RandomRotation in kinds) == (mnist_aug == 'paper') and T.RandomCrop in kinds
+    train_loader = build_loaders(args, info, train_set, val_set, torch.device('cpu'), 0, 1)[0](1)
+    assert train_loader.mnist_aug == mnist_aug

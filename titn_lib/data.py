@@ -161,12 +161,14 @@ def build_transforms(
         crop_padding: int = 4,
         re_prob: float = 0.0,
         re_mode: str = 'pixel',
+        mnist_aug: str = 'paper',
 ) -> Callable:
     """The paper's augmentations (§3.4, §4.1).
 
     CIFAR (and other RGB data): random crop with padding, horizontal flip, AutoAugment (``aa``: a torchvision
     policy ``cifar10``/``imagenet``/``svhn``, or a timm ``rand-*`` / ``augmix-*`` string). MNIST: resize, random
-    crop, rotation, affine and colour jitter. Evaluation: resize to ``img_size`` when needed, normalise.
+    crop, rotation, affine and colour jitter (``mnist_aug='paper'``), or the random crop alone (``'crop'``).
+    Evaluation: resize to ``img_size`` when needed, normalise.
     Not in the paper, off by default: timm's random erasing (``re_prob``, ``re_mode``) after normalisation, as
     DeiT and timm's ``create_transform`` place it.
     """
@@ -175,12 +177,10 @@ def build_transforms(
     if not is_training:
         return T.Compose(resize + tail)
     if dataset == 'mnist':
-        aug = resize + [
-            T.RandomCrop(img_size, padding=2),
-            T.RandomRotation(10),
-            T.RandomAffine(0, translate=(0.1, 0.1), scale=(0.9, 1.1)),
-            T.ColorJitter(brightness=0.2, contrast=0.2),
-        ]
+        aug = resize + [T.RandomCrop(img_size, padding=2)]
+        if _check_mnist_aug(mnist_aug) == 'paper':
+            aug += [T.RandomRotation(10), T.RandomAffine(0, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+                    T.ColorJitter(brightness=0.2, contrast=0.2)]
     else:
         aug = resize + [T.RandomCrop(img_size, padding=crop_padding)]
         if hflip > 0:
@@ -190,6 +190,12 @@ def build_transforms(
     if re_prob > 0:
         tail.append(RandomErasing(re_prob, mode=re_mode, device='cpu'))
     return T.Compose(aug + tail)
+
+
+def _check_mnist_aug(mnist_aug: str) -> str:
+    if mnist_aug not in ('paper', 'crop'):
+        raise ValueError(f"mnist_aug must be 'paper' or 'crop', got {mnist_aug!r}")
+    return mnist_aug
 
 
 def _auto_augment(aa: str, img_size: int, mean: Sequence[float]) -> Callable:
@@ -316,10 +322,11 @@ class DeviceLoader:
 
     The augmentations of :func:`build_transforms` without worker processes or per-image Python, which is what
     keeps a GPU busy on 32x32 data (and spares the cores of a small CPU): crop with padding and flip (RGB
-    data) or rotation, translation, scale and jitter (``mnist``) are drawn per image; the AutoAugment /
-    RandAugment policy (``aa``) is drawn once per group of ``aug_group`` images; timm's random erasing
-    (``re_prob``) is drawn per image on the normalised batch. Randomness comes from torch's and Python's global
-    generators, so seeding them at an epoch start fixes that epoch. Yields normalised float batches.
+    data) or crop, rotation, translation, scale and jitter (``mnist``; the crop alone with ``mnist_aug='crop'``)
+    are drawn per image; the AutoAugment / RandAugment policy (``aa``) is drawn once per group of ``aug_group``
+    images; timm's random erasing (``re_prob``) is drawn per image on the normalised batch. Randomness comes from
+    torch's and Python's global generators, so seeding them at an epoch start fixes that epoch. Yields normalised
+    float batches.
     ``needed_by`` names the caller in the error for a dataset that is not held in memory.
     """
 
@@ -340,6 +347,7 @@ class DeviceLoader:
             hflip: float = 0.5,
             re_prob: float = 0.0,
             re_mode: str = 'pixel',
+            mnist_aug: str = 'paper',
             rank: int = 0,
             world_size: int = 1,
             needed_by: str = DEVICE_LOADER_NEEDS,
@@ -349,6 +357,7 @@ class DeviceLoader:
         self.batch_size, self.device, self.kind, self.train = batch_size, device, kind, train
         self.policy = _device_policy(aa) if train else None
         self.aug_group, self.crop_padding, self.hflip = aug_group, crop_padding, hflip
+        self.mnist_aug = _check_mnist_aug(mnist_aug)
         self.erase = RandomErasing(re_prob, mode=re_mode, device=device) if train and re_prob > 0 else None
         self.rank, self.world_size = rank, world_size
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
@@ -362,8 +371,9 @@ class DeviceLoader:
         """uint8 batch in, float batch in [0, 255] out."""
         if self.kind == 'mnist':
             x = random_crop_flip(x, padding=2, hflip=0)
-            x = random_affine_jitter(x.float(), degrees=10, translate=0.1, scale=(0.9, 1.1), brightness=0.2,
-                                     contrast=0.2)
+            if self.mnist_aug == 'paper':
+                x = random_affine_jitter(x.float(), degrees=10, translate=0.1, scale=(0.9, 1.1), brightness=0.2,
+                                         contrast=0.2)
         else:
             x = random_crop_flip(x, self.crop_padding, self.hflip)
         if self.policy is not None:

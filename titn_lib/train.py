@@ -168,7 +168,8 @@ def dataset_info(args) -> data_lib.DatasetInfo:
 def build_data(args, info: data_lib.DatasetInfo):
     """``(train_set, val_set, test_set)``: val is carved from train; eval transforms on val and test."""
     train_tf = data_lib.build_transforms(args.dataset, args.img_size, info.mean, info.std, True, aa=args.aa,
-                                         crop_padding=args.crop_padding, re_prob=args.reprob, re_mode=args.remode)
+                                         crop_padding=args.crop_padding, re_prob=args.reprob, re_mode=args.remode,
+                                         mnist_aug=args.mnist_aug)
     eval_tf = data_lib.build_transforms(args.dataset, args.img_size, info.mean, info.std, False)
     full_train = data_lib.build_dataset(args.dataset, args.data_dir, 'train', train_tf, download=args.download)
     full_val = data_lib.build_dataset(args.dataset, args.data_dir, 'train', eval_tf)
@@ -268,8 +269,8 @@ def build_loaders(args, info: data_lib.DatasetInfo, train_set, val_set, device, 
         common = dict(mean=info.mean, std=info.std, img_size=args.img_size, device=device, kind=args.dataset)
         train_loader = data_lib.DeviceLoader(train_set, args.batch_size, train=True, aa=args.aa,
                                              aug_group=args.aug_group, crop_padding=args.crop_padding,
-                                             re_prob=args.reprob, re_mode=args.remode, rank=rank,
-                                             world_size=world_size, **common)
+                                             re_prob=args.reprob, re_mode=args.remode, mnist_aug=args.mnist_aug,
+                                             rank=rank, world_size=world_size, **common)
         eval_loader = None if val_set is None else data_lib.DeviceLoader(val_set, max(256, args.batch_size), **common)
         return (lambda epoch: train_loader), eval_loader
 
