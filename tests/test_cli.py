@@ -5,18 +5,20 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, make_npz_split
 from titn_lib.cli import main
 from titn_lib.evaluate import classification_metrics, format_table
 import torch
 
 
-def test_train_eval_export(tiny_npz, tmp_path, capsys):
+def train_eval_export(tiny_npz, tmp_path, capsys):
+    """Train under the tagged name users write, evaluate, export; returns the Hub folder."""
     out = tmp_path / 'run'
-    main(['train', '--dataset', 'npz', '--num-classes', '3', '--data-dir', str(tiny_npz), '--output', str(out),
+    main(['train', '--model', 'titn_tiny_patch8_32.cifar10', '--dataset', 'npz', '--num-classes', '3', '--data-dir', str(tiny_npz), '--output', str(out),
           '--workers', '0', '-b', '16', '--epochs', '1', '--model-kwargs', 'depth=1', '--opt', 'adamw',
           '--lr', '1e-3', '--no-progress'])
     capsys.readouterr()
+    assert torch.load(out / 'best.pth', weights_only=False)['arch'] == 'titn_tiny_patch8_32'  # the tag is the export's
     main(['eval', str(out / 'best.pth'), '--dataset', 'npz', '--data-dir', str(tiny_npz), '--workers', '0',
           '--json', str(tmp_path / 'eval.json'), '--tta'])
     table = capsys.readouterr().out
@@ -31,6 +33,31 @@ def test_train_eval_export(tiny_npz, tmp_path, capsys):
     card = (folder / 'README.md').read_text()
     assert 'titn train --dataset npz' in card and f"{rows[0]['top1']:.2f}" in card
     assert '](curves.png)' in card and (folder / 'curves.png').read_bytes() == (out / 'curves.png').read_bytes()
+    return folder
+
+
+def test_train_eval_export(tiny_npz, tmp_path, capsys):
+    train_eval_export(tiny_npz, tmp_path, capsys)
+
+
+def test_fine_tune_published_folder_on_other_channels_and_classes(tiny_npz, tmp_path, capsys):
+    """--pretrained from a Hub folder onto 1-channel, 2-class data: timm adapts the first layer and the classifier,
+    and the run exports under the new tag."""
+    folder = train_eval_export(tiny_npz, tmp_path / 'source', capsys)
+    gray = tmp_path / 'gray'
+    gray.mkdir()
+    for split, n, seed in (('train', 40, 0), ('test', 20, 1)):
+        make_npz_split(gray / f'{split}.npz', n, num_classes=2, channels=1, seed=seed)
+    out = tmp_path / 'run'
+    main(['train', '--model', f'local-dir:{folder}', '--pretrained', '--dataset', 'npz', '--num-classes', '2',
+          '--data-dir', str(gray), '--output', str(out), '--workers', '0', '-b', '16', '--epochs', '1',
+          '--opt', 'adamw', '--lr', '1e-3', '--no-progress'])
+    state = torch.load(out / 'best.pth', weights_only=False)
+    assert state['arch'] == 'titn_tiny_patch8_32' and state['model']['pixel_embed.proj.weight'].shape[1] == 1
+    assert state['model']['head.weight'].shape[0] == 2
+    main(['export', str(out / 'best.pth'), '--tag', 'mnist', '--output', str(tmp_path / 'weights')])
+    config = json.loads((tmp_path / 'weights' / 'titn_tiny_patch8_32.mnist' / 'config.json').read_text())
+    assert config['model_args']['in_chans'] == 1 and config['num_classes'] == 2
 
 
 def test_console_script_usage():

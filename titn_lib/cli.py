@@ -23,10 +23,15 @@ def train_parser() -> argparse.ArgumentParser:
                                 '(paper §3.5-3.6, §4.1).', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--recipe', default=None, help='YAML file of defaults (recipes/*.yaml); flags override it')
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='titn_tiny_patch8_32', help='any timm model name')
+    g.add_argument('--model', default='titn_tiny_patch8_32',
+                   help='any timm model name, with or without a pretrained tag, or hf-hub:<repo> / local-dir:<folder>')
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='key=value overrides')
-    g.add_argument('--pretrained', action='store_true', help='start from the registered pretrained weights')
-    g.add_argument('--initial-checkpoint', default='', help='start from these weights (our checkpoint or safetensors)')
+    g.add_argument('--pretrained', action='store_true',
+                   help="start from the model's pretrained weights, adapted by timm to the data's channel count (first "
+                        'layer) and class count (new heads)')
+    g.add_argument('--initial-checkpoint', default='',
+                   help='start from these weights (our checkpoint or safetensors) of the same architecture, channels '
+                        'and classes')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate (models that take it)')
     g.add_argument('--whiten-stem', action='store_true',
                    help="the airbench method's first layer: set the stem to frozen patch-whitening filters computed "

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.models import get_model_args
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from . import data as data_lib
 from .evaluate import evaluate
 from .loss import TITNDistillLoss
-from .modeling import create_model, load_model_state, read_checkpoint, unwrap
+from .modeling import create_model, load_model_state, model_from_checkpoint, read_checkpoint, unwrap
 from .titn import checkpoint_weights
 
 __all__ = ['run', 'train_one_epoch', 'EpochConfig', 'AutocastTeacher']
@@ -419,10 +420,7 @@ def resume_training(path: str, args, info: data_lib.DatasetInfo, model, optimize
 
 def evaluate_best_on_test(args, info: data_lib.DatasetInfo, test_set, best_path: str, device: torch.device) -> Dict:
     """The selected checkpoint on the test split, once, at the end."""
-    state = read_checkpoint(best_path, 'best checkpoint')
-    final = create_model(args.model, num_classes=info.num_classes, in_chans=info.in_chans,
-                         img_size=args.img_size, **args.model_kwargs)
-    final.load_state_dict(state['model'])
+    final, state = model_from_checkpoint(best_path)
     test_loader = DataLoader(test_set, batch_size=256, shuffle=False, num_workers=args.workers)
     metrics = evaluate(final.to(device), test_loader, info.num_classes, device)
     metrics['best_epoch'] = state['epoch']
@@ -446,6 +444,10 @@ def run(args) -> Dict:
     train_set, val_set, test_set = build_data(args, info)
     seed_everything(args.seed)
     model = build_student(args, info, train_set)
+    # what rebuilds it: the bare architecture (no pretrained tag or hub prefix: `titn export --tag` adds its own) and
+    # timm's reconstruction arguments (a hub folder's config.json included), less those recorded on their own
+    arch = model.pretrained_cfg.get('architecture', args.model)
+    model_kwargs = {k: v for k, v in get_model_args(model).items() if k not in ('num_classes', 'in_chans', 'img_size')}
     teacher = build_teacher(args, info, device)
     distilling = teacher is not None and args.distillation != 'none'
     if distilling:
@@ -504,7 +506,7 @@ def run(args) -> Dict:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     mixup = data_lib.build_mixup(args.mixup, args.cutmix, info.num_classes, args.smoothing, args.mixup_prob)
     loader_for_epoch, eval_loader = build_loaders(args, info, train_set, val_set, device, rank, world_size)
-    meta = dict(arch=args.model, model_kwargs=dict(args.model_kwargs), num_classes=info.num_classes,
+    meta = dict(arch=arch, model_kwargs=model_kwargs, num_classes=info.num_classes,
                 in_chans=info.in_chans, img_size=args.img_size, mean=list(info.mean), std=list(info.std),
                 dataset=args.dataset, val_split=args.val_split)
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
