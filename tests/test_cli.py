@@ -14,9 +14,9 @@ import torch
 def train_eval_export(tiny_npz, tmp_path, capsys):
     """Train under the tagged name users write, evaluate, export; returns the Hub folder."""
     out = tmp_path / 'run'
-    main(['train', '--model', 'titn_tiny_patch8_32.cifar10', '--dataset', 'npz', '--num-classes', '3', '--data-dir', str(tiny_npz), '--output', str(out),
-          '--workers', '0', '-b', '16', '--epochs', '1', '--model-kwargs', 'depth=1', '--opt', 'adamw',
-          '--lr', '1e-3', '--no-progress'])
+    main(['train', '--model', 'titn_tiny_patch8_32.cifar10', '--dataset', 'npz', '--num-classes', '3',
+          '--data-dir', str(tiny_npz), '--output', str(out), '--workers', '0', '-b', '16', '--epochs', '1',
+          '--model-kwargs', 'depth=1', '--opt', 'adamw', '--lr', '1e-3', '--no-progress'])
     capsys.readouterr()
     assert torch.load(out / 'best.pth', weights_only=False)['arch'] == 'titn_tiny_patch8_32'  # the tag is the export's
     main(['eval', str(out / 'best.pth'), '--dataset', 'npz', '--data-dir', str(tiny_npz), '--workers', '0',
