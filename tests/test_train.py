@@ -108,7 +108,8 @@ def test_recipe_defaults_and_command_line_override(tmp_path):
 
 @pytest.mark.parametrize('path', sorted(os.listdir(os.path.join(REPO_ROOT, 'recipes'))))
 def test_every_shipped_recipe_builds(path):
-    """Each recipe names models timm knows, a known dataset, and its model builds (at depth 1 where it has depth)."""
+    """Each recipe names models timm knows (or a published folder of this checkout), a known dataset, and its model
+    builds (at depth 1 where it has depth)."""
     import timm
     from titn_lib.data import DATASETS
     from titn_lib.modeling import create_model
@@ -116,12 +117,16 @@ def test_every_shipped_recipe_builds(path):
     assert args.dataset in DATASETS, args.dataset
     info = DATASETS[args.dataset]
     for name in filter(None, (args.model, args.teacher)):
-        assert timm.is_model(name), name
+        if name.startswith('local-dir:'):  # a published folder of this checkout, named from the repository root
+            assert os.path.isfile(os.path.join(REPO_ROOT, name[len('local-dir:'):], 'config.json')), name
+        else:
+            assert timm.is_model(name), name
+    model_name = args.model.replace('local-dir:', f'local-dir:{REPO_ROOT}/', 1)
     kwargs = dict(num_classes=info.num_classes, in_chans=info.in_chans, img_size=args.img_size, **args.model_kwargs)
     try:
-        model = create_model(args.model, depth=1, **kwargs)
+        model = create_model(model_name, depth=1, **kwargs)
     except TypeError:  # CNN teachers have no depth
-        model = create_model(args.model, **kwargs)
+        model = create_model(model_name, **kwargs)
     out = model.eval()(torch.randn(1, info.in_chans, args.img_size, args.img_size))
     assert out.shape == (1, info.num_classes)
     assert args.epochs > 0 and (args.teacher_checkpoint or not args.teacher)  # never an untrained teacher
