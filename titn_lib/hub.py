@@ -165,14 +165,16 @@ model = timm.create_model("{name}", pretrained=True)   # downloads {repo_id}
 
 ## Data
 {state['dataset']} train split, {split_note};
-input {state['in_chans']}x{state['img_size']}x{state['img_size']}, mean {tuple(state['mean'])}, std {tuple(state['std'])}.
+input {state['in_chans']}x{state['img_size']}x{state['img_size']},
+mean {tuple(state['mean'])}, std {tuple(state['std'])}.
 The checkpoint is the epoch with the best validation top-1 (epoch {state.get('epoch', '?')}).
 
 ## Training
 ```
 {train_command or '(command not recorded)'}
 ```
-Wall time: {f'{train_time:.2f} h' if train_time is not None else 'see notes'}; hardware: {m.get('hardware', 'see notes')}.
+Wall time: {f'{train_time:.2f} h' if train_time is not None else 'see notes'};
+hardware: {m.get('hardware', 'see notes')}.
 
 {curve}
 {notes}
