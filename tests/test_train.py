@@ -1,5 +1,6 @@
 """titn train: end to end on tiny data, exact resume after SIGKILL, DDP with gloo, recipes and errors."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import time
 import pytest
 import torch
 
+from titn_lib import train as train_lib
 from titn_lib.cli import parse_train_args as parse_args
 from titn_lib.train import log_line, run
 
@@ -202,7 +204,6 @@ def test_device_loader_time_budget_and_weight_average(tiny_npz, tmp_path):
 def test_mixup_off_epoch_leaves_the_last_epochs_unmixed(tiny_npz, tmp_path, monkeypatch):
     """--mixup-off-epoch 2: CutMix mixes the targets of epochs 1 and 2 and none of epoch 3, which a resumed run
     reaches; the flag without MixUp or CutMix is refused before training."""
-    from titn_lib import train as train_lib
     mixed = []  # per epoch: whether any batch's targets mixed two classes
     real = train_lib.train_one_epoch
 
@@ -244,6 +245,21 @@ def test_teacher_amp_runs_the_teacher_in_bf16():
     logits = AutocastTeacher(teacher)(x)
     assert seen == [torch.bfloat16] and logits.dtype == torch.float32
     assert torch.allclose(logits, teacher(x), atol=0.05)
+
+
+def test_teacher_amp_warns_where_the_cpu_emulates_bf16(monkeypatch, caplog):
+    """A bf16 teacher on a CPU without bf16 kernels is slower than float32: the run says so, and only there."""
+    args = parse_args(['--dataset', 'cifar10', '--teacher', 'aircnn_small_32', '--untrained-teacher',
+                       '--teacher-amp'])
+    info = train_lib.data_lib.DATASETS['cifar10']
+    for native, warned in ((True, False), (False, True)):
+        caplog.clear()
+        monkeypatch.setattr(train_lib, 'cpu_runs_bf16', lambda: native)
+        with caplog.at_level(logging.WARNING, logger='titn.train'):
+            teacher = train_lib.build_teacher(args, info, torch.device('cpu'))
+        assert isinstance(teacher, train_lib.AutocastTeacher)
+        assert ('--no-teacher-amp' in caplog.text) == warned
+    assert isinstance(train_lib.cpu_runs_bf16(), bool)
 
 
 def test_initial_checkpoint_pretrained_and_clip_grad(tiny_npz, tmp_path):

@@ -112,7 +112,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'])
     g.add_argument('--teacher-amp', action=argparse.BooleanOptionalAction, default=None,
                    help='run the teacher under bf16 autocast (default: as --amp); a CNN teacher runs about 4x faster '
-                        'in bf16 on CPUs with AMX, where the TITN student gains nothing')
+                        'in bf16 on CPUs with AMX, where the TITN student gains nothing, and slower on AVX2-only CPUs')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the student')
     g.add_argument('--threads', type=int, default=0, help='torch intra-op threads on CPU (0: all cores)')

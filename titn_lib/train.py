@@ -260,8 +260,17 @@ def build_teacher(args, info: data_lib.DatasetInfo, device: torch.device) -> Opt
     teacher.requires_grad_(False)
     teacher = teacher.to(device, memory_format=torch.channels_last).eval()  # the faster layout for conv teachers
     if args.teacher_amp or (args.teacher_amp is None and args.amp):
+        if device.type == 'cpu' and not cpu_runs_bf16():
+            _logger.warning(f'--teacher-amp: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 kernels, '
+                            f'so the bf16 teacher is emulated and slower than in float32: pass --no-teacher-amp')
         teacher = AutocastTeacher(teacher).eval()
     return teacher
+
+
+def cpu_runs_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 or AMX); elsewhere (AVX2) bf16 is emulated, and a bf16
+    teacher made a CIFAR-10 epoch 2.7x slower instead of faster (docs/reproduction.md, "The refit")."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def build_loaders(args, info: data_lib.DatasetInfo, train_set, val_set, device, rank: int, world_size: int):
