@@ -262,7 +262,7 @@ def build_teacher(args, info: data_lib.DatasetInfo, device: torch.device) -> Opt
     if args.teacher_amp or (args.teacher_amp is None and args.amp):
         if device.type == 'cpu' and not cpu_runs_bf16():
             _logger.warning(f'--teacher-amp: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bf16 kernels, '
-                            f'so the bf16 teacher is emulated and slower than in float32: pass --no-teacher-amp')
+                            'so the bf16 teacher is emulated and slower than in float32: pass --no-teacher-amp')
         teacher = AutocastTeacher(teacher).eval()
     return teacher
 
