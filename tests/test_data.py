@@ -210,5 +210,34 @@ def test_mnist_crop_augmentation_only_shifts(tmp_path):
     assert not torch.equal(x_paper, x_paper.round())  # interpolated: not a plain shift
     tf = build_transforms('mnist', 32, mean, std, is_training=True, mnist_aug='crop')
     assert [type(t).__name__ for t in tf.transforms] == ['Resize', 'RandomCrop', 'ToTensor', 'Normalize']
-    with pytest.raises(ValueError, match="mnist_aug must be 'paper' or 'crop'"):
+    with pytest.raises(ValueError, match="mnist_aug must be one of 'paper', 'crop', 'elastic', got 'light'"):
         DeviceLoader(ds, 16, mean, std, 32, torch.device('cpu'), kind='mnist', train=True, mnist_aug='light')
+
+
+def test_device_elastic_distortion_is_torchvisions_per_image(tmp_path):
+    """mnist_aug='elastic': the device loader's distortion draws and applies what torchvision's ElasticTransform
+    does (same seed, one image), with a field of its own for each image; the PIL pipeline appends ElasticTransform
+    after the paper's augmentations."""
+    from torchvision.transforms import v2
+    from titn_lib.data import MNIST_ELASTIC, DeviceLoader, random_elastic
+    x = torch.rand(3, 2, 32, 32) * 255
+    torch.manual_seed(0)
+    ours = random_elastic(x, **MNIST_ELASTIC)
+    torch.manual_seed(0)
+    theirs = v2.ElasticTransform(**MNIST_ELASTIC)(x[:1])
+    assert torch.allclose(ours[:1], theirs, atol=1e-3) and not torch.allclose(ours[:1], x[:1], atol=1)
+    same_input = random_elastic(x[:1].repeat(2, 1, 1, 1), **MNIST_ELASTIC)
+    assert not torch.allclose(same_input[0], same_input[1], atol=1)  # a field per image
+    assert torch.allclose(random_elastic(x, alpha=0.0, sigma=6.0), x, atol=1e-3)  # no displacement: the image
+    make_npz_split(tmp_path / 'train.npz', 16, channels=1, size=32)
+    ds = NpzDataset(str(tmp_path / 'train.npz'))
+    mean, std = (0.0,), (1 / 255,)
+    torch.manual_seed(0)
+    (paper, _), = list(DeviceLoader(ds, 16, mean, std, 32, torch.device('cpu'), kind='mnist', train=True))
+    torch.manual_seed(0)
+    (elastic, _), = list(DeviceLoader(ds, 16, mean, std, 32, torch.device('cpu'), kind='mnist', train=True,
+                                      mnist_aug='elastic'))
+    assert not torch.allclose(paper, elastic, atol=1)
+    tf = build_transforms('mnist', 32, mean, std, is_training=True, mnist_aug='elastic')
+    assert [type(t).__name__ for t in tf.transforms] == ['Resize', 'RandomCrop', 'RandomRotation', 'RandomAffine',
+                                                         'ColorJitter', 'ElasticTransform', 'ToTensor', 'Normalize']

@@ -352,7 +352,7 @@ def test_whiten_stem_freeze_bn_scale_and_crop_padding(tiny_npz, tmp_path, monkey
         run(parse_args(tiny_args(tiny_npz, tmp_path / 'x', '--freeze-bn-scale')))
 
 
-@pytest.mark.parametrize('mnist_aug', ['paper', 'crop'])
+@pytest.mark.parametrize('mnist_aug', ['paper', 'crop', 'elastic'])
 def test_mnist_aug_reaches_both_loaders(tmp_path, mnist_aug):
     """--mnist-aug picks the MNIST training augmentation of the PIL pipeline and of the device loader alike."""
     from torchvision import transforms as T
@@ -365,6 +365,7 @@ def test_mnist_aug_reaches_both_loaders(tmp_path, mnist_aug):
     info = dataset_info(args)
     train_set, val_set = build_data(args, info)[:2]
     kinds = {type(t) for t in train_set.dataset.transform.transforms}
-    assert (T.RandomRotation in kinds) == (mnist_aug == 'paper') and T.RandomCrop in kinds
+    assert (T.RandomRotation in kinds) == (mnist_aug != 'crop') and T.RandomCrop in kinds
+    assert (T.ElasticTransform in kinds) == (mnist_aug == 'elastic')
     train_loader = build_loaders(args, info, train_set, val_set, torch.device('cpu'), 0, 1)[0](1)
     assert train_loader.mnist_aug == mnist_aug
