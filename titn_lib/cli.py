@@ -50,8 +50,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help='random crop of RGB data: zero padding on each side in pixels, i.e. the largest shift')
     g.add_argument('--mnist-aug', default='paper', choices=['paper', 'crop', 'elastic'],
                    help="MNIST training augmentation: the paper's crop, rotation, affine and colour jitter (paper), "
-                        'its random crop alone, shifts of up to 2 pixels (crop), or the paper\'s followed by an elastic '
-                        'distortion, not in the paper (elastic)')
+                        "its random crop alone, shifts of up to 2 pixels (crop), or the paper's followed by an "
+                        'elastic distortion, not in the paper (elastic)')
     g.add_argument('--aa', default=None, help='AutoAugment policy: cifar10, imagenet, svhn, rand-*, none')
     g.add_argument('--reprob', type=float, default=0.0,
                    help="timm's random erasing: probability per image (not in the paper; 0: off)")

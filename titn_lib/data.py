@@ -315,7 +315,8 @@ def random_affine_jitter(x: torch.Tensor, degrees: float, translate: float, scal
 
 def random_elastic(x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
     """``v2.ElasticTransform(alpha, sigma)`` (bilinear, fill 0) with a displacement field drawn per image; on a
-    one-image batch it draws and applies exactly what torchvision's does. ``x`` is float ``[B, C, H, W]``."""
+    one-image batch it draws what torchvision's does and gives its result to float rounding. ``x`` is float
+    ``[B, C, H, W]``."""
     from torchvision.transforms.v2 import functional as TF
     B, C, H, W = x.shape
     field = torch.rand(B, 2, H, W, device=x.device) * 2 - 1  # (dx, dy) per image, torchvision's draw order
@@ -349,10 +350,10 @@ class DeviceLoader:
     The augmentations of :func:`build_transforms` without worker processes or per-image Python, which is what
     keeps a GPU busy on 32x32 data (and spares the cores of a small CPU): crop with padding and flip (RGB
     data) or crop, rotation, translation, scale and jitter (``mnist``; the crop alone with ``mnist_aug='crop'``, and
-    an elastic distortion after them with ``'elastic'``) are drawn per image; the AutoAugment / RandAugment policy (``aa``) is drawn once per group of ``aug_group``
-    images; timm's random erasing (``re_prob``) is drawn per image on the normalised batch. Randomness comes from
-    torch's and Python's global generators, so seeding them at an epoch start fixes that epoch. Yields normalised
-    float batches.
+    an elastic distortion after them with ``'elastic'``) are drawn per image; the AutoAugment / RandAugment policy
+    (``aa``) is drawn once per group of ``aug_group`` images; timm's random erasing (``re_prob``) is drawn per image
+    on the normalised batch. Randomness comes from torch's and Python's global generators, so seeding them at an
+    epoch start fixes that epoch. Yields normalised float batches.
     ``needed_by`` names the caller in the error for a dataset that is not held in memory.
     """
 
