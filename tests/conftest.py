@@ -18,8 +18,12 @@ needs_shared_data = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """Each test starts seeded and leaves torch's thread count as it found it (``titn train --threads`` sets it for
+    the process; a test that ran one in-process used to leave every later test on one core)."""
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
 
 
 def make_npz_split(path, n, num_classes=3, size=32, channels=3, seed=0):
